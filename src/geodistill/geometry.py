@@ -1,0 +1,388 @@
+"""Representational distances between two sets of matched feature vectors.
+
+Pure tensor maths: nothing here knows about models or distillation. Every distance takes
+``x`` of shape ``(n, d_s)`` and ``y`` of shape ``(n, d_t)`` whose rows are matched samples (or
+tokens); the widths may differ. Each matrix is column-centred and scaled to unit Frobenius norm
+inside the function (written ``X~`` and ``Y~`` below), so every distance is invariant to
+translation and isotropic scaling of either input, and to orthogonal transforms of its columns.
+
+Numerics, shared by every function:
+
+* half-precision inputs are computed in float32, float64 stays float64; the result is a 0-dim
+  tensor of that compute dtype;
+* the column means and Frobenius norms are accumulated in float64 (a float32 reduction over
+  millions of entries is off by ~1e-5, which alone would break the exactness bound);
+* the ``n x d`` products (``X^T Y`` and friends) run in the compute dtype, so the cost is that of
+  one GEMM; the small ``d x d`` (or ``n x n`` when ``n < d``) decomposition runs in float64;
+* no ``n x n`` matrix is ever formed for the Gram distance or CKA, and no SVD backward is used:
+  the gradient of the nuclear norm is the polar factor ``U V^T`` of the same decomposition.
+
+Reference: Bhattarai et al., "Knowledge distillation through geometry-aware representational
+alignment", arXiv:2509.25253 (2025); Williams et al., "Generalized shape metrics on neural
+representations", NeurIPS 2021; Kornblith et al., "Similarity of neural network representations
+revisited", ICML 2019.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "center",
+    "cka",
+    "cka_distance",
+    "gram_distance",
+    "normalize",
+    "nuclear_norm",
+    "procrustes_distance",
+]
+
+_F64 = torch.float64
+_EPS64 = torch.finfo(_F64).eps
+# Eigenvalues of the Gram below this fraction of the largest are re-resolved on their own scale
+# (singular values below 1e-4 of the largest): a float64 eigh resolves lambda only to
+# eps * lambda_max, i.e. sigma only to sqrt(eps) * sigma_max, while an SVD gets eps * sigma_max.
+_DEFLATE_BELOW = 1e-8
+_MAX_DEFLATIONS = 4
+# A distance computed in float32 (centring and GEMMs) is exact to ~1e-7 of its largest term; when
+# the distance is below this fraction of its terms, that cancellation would cost relative digits,
+# so it is recomputed from the float64-cast inputs (exact: only the float32 arithmetic was not).
+_REFINE_BELOW = 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# validation and normalisation
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return _F64 if any(t.dtype == _F64 for t in tensors) else torch.float32
+
+
+def _check_matrix(x: Tensor, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n, d), got shape {tuple(x.shape)}")
+    if not (x.is_floating_point() and x.dtype in (torch.float16, torch.bfloat16, torch.float32, _F64)):
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.shape[0] < 2:
+        raise ValueError(f"{name} needs at least 2 rows (samples) to be centred, got shape {tuple(x.shape)}")
+    if x.shape[1] < 1:
+        raise ValueError(f"{name} needs at least 1 column, got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} of shape {tuple(x.shape)} contains NaN or infinite values")
+
+
+def _check_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    _check_matrix(x, "x")
+    _check_matrix(y, "y")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"x and y must have the same number of rows (matched samples), "
+            f"got x {tuple(x.shape)} and y {tuple(y.shape)}"
+        )
+    dtype = _compute_dtype(x, y)
+    return x.to(dtype), y.to(dtype)
+
+
+class _SafeSqrt(torch.autograd.Function):
+    """``sqrt(max(t, 0))`` whose gradient is 0 (a subgradient) where ``t <= 0`` instead of inf."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        r = t.clamp_min(0).sqrt()
+        ctx.save_for_backward(r)
+        return r
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor) -> Tensor:
+        (r,) = ctx.saved_tensors
+        return torch.where(r > 0, g / (2 * r.clamp_min(torch.finfo(r.dtype).tiny)), torch.zeros_like(g))
+
+
+def _centre(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Column-centre ``x`` (n, d) and return ``(x - mean, ||x - mean||_F)``.
+
+    The mean is accumulated in float64 and subtracted as a float32 pair (hi + lo), so the centred
+    entries carry only their own rounding error even when the offset dwarfs the spread. The norm
+    is returned in float64. Both stay on the autograd graph.
+    """
+    mean = x.sum(dim=0, keepdim=True, dtype=_F64) / x.shape[0]
+    if x.dtype == _F64:
+        xc = x - mean
+    else:
+        hi = mean.to(x.dtype)
+        lo = (mean - hi.to(_F64)).to(x.dtype)
+        xc = (x - hi) - lo
+    # squares in float64 (a float32 square rounds, and at D ~ 1e-8 that shows); sqrt with a zero
+    # subgradient at 0, so a constant input gives zeros, not NaN gradients
+    return xc, _SafeSqrt.apply(xc.to(_F64).square().sum())
+
+
+def center(x: Tensor) -> Tensor:
+    """Subtract the column means: ``x - 1 mean(x)``; shape ``(n, d)`` -> ``(n, d)``.
+
+    Computed in float32 (float64 for float64 input) with the mean accumulated in float64.
+    """
+    _check_matrix(x, "x")
+    return _centre(x.to(_compute_dtype(x)))[0]
+
+
+def normalize(x: Tensor, eps: float = 1e-30) -> Tensor:
+    """Column-centre ``x`` and scale it to unit Frobenius norm: ``X~ = Xc / ||Xc||_F``.
+
+    Shape ``(n, d)`` -> ``(n, d)``. A constant matrix (zero norm) maps to zeros; ``eps`` guards
+    the division.
+    """
+    _check_matrix(x, "x")
+    xc, nrm = _centre(x.to(_compute_dtype(x)))
+    return xc / nrm.clamp_min(eps).to(xc.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# the nuclear norm and its polar factor
+
+
+def _svd_by_eigh(a: Tensor, depth: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of a float64 ``a`` (p, q), p >= q, as ``(s, B, V)`` with ``B = a V = U diag(s)``.
+
+    ``V`` comes from ``eigh(a^T a)`` and the singular values are the column norms of ``a V``
+    (accurate to eps * s_max, unlike ``sqrt(eigenvalue)`` which is only good to
+    sqrt(eps) * s_max). Eigenvectors whose eigenvalue is below ``_DEFLATE_BELOW * lambda_max``
+    are resolved again from ``a V_small`` on their own scale (recursively), which brings graded
+    spectra to SVD accuracy at eigh cost.
+    """
+    q = a.shape[1]
+    try:
+        lam, v = torch.linalg.eigh(a.mT @ a)
+    except RuntimeError:  # eigh did not converge: take the slower, always-converging SVD
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        return s, u * s, vh.mT
+    b = a @ v
+    s = torch.linalg.vector_norm(b, dim=0)
+    smax = s.max()
+    if smax == 0 or depth >= _MAX_DEFLATIONS:
+        return s, b, v
+    small = lam <= _DEFLATE_BELOW * lam[-1]  # eigh sorts ascending
+    m = int(small.sum())
+    if m == 0 or float(s[small].max()) <= q * _EPS64 * float(smax):
+        return s, b, v  # the small block is zero to working precision
+    s_sub, b_sub, v_sub = _svd_by_eigh(b[:, :m], depth + 1)
+    s = torch.cat([s_sub, s[m:]])
+    b = torch.cat([b_sub, b[:, m:]], dim=1)
+    v = torch.cat([v[:, :m] @ v_sub, v[:, m:]], dim=1)
+    return s, b, v
+
+
+def _nuclear_and_polar(m: Tensor) -> tuple[Tensor, Tensor]:
+    """``(||m||_*, U V^T)`` of a float64 matrix ``m`` (k1, k2).
+
+    The polar factor keeps only singular values above ``max(k1, k2) * eps * s_max`` (the rest
+    are zero to working precision); any such choice is a valid (sub)gradient of the nuclear norm.
+    """
+    transpose = m.shape[0] < m.shape[1]
+    a = m.mT if transpose else m
+    s, b, v = _svd_by_eigh(a)
+    tol = max(a.shape) * _EPS64 * s.max()
+    inv = torch.where(s > tol, 1.0 / s.clamp_min(torch.finfo(_F64).tiny), torch.zeros_like(s))
+    polar = (b * inv) @ v.mT  # (p, q) = U V^T on the numerical range
+    return s.sum(), polar.mT if transpose else polar
+
+
+def _decomposition_device(device: torch.device) -> torch.device:
+    # MPS has no float64: the small decomposition runs on the CPU there.
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+class _NuclearNorm(torch.autograd.Function):
+    """``||m||_*`` in float64 with gradient ``g * U V^T`` (no SVD backward, no 1/(s_i - s_j))."""
+
+    @staticmethod
+    def forward(ctx, m: Tensor) -> Tensor:
+        dev = _decomposition_device(m.device)
+        nuc, polar = _nuclear_and_polar(m.detach().to(device=dev, dtype=_F64))
+        ctx.save_for_backward(polar.to(device=m.device, dtype=m.dtype))
+        return nuc.to(m.device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor) -> Tensor:
+        (polar,) = ctx.saved_tensors
+        return g.to(polar.dtype) * polar
+
+
+class _NuclearNormXtY(torch.autograd.Function):
+    """``||x^T y||_*`` for ``x`` (n, d_s), ``y`` (n, d_t) with ``n <= min(d_s, d_t)``.
+
+    Never forms the ``d_s x d_t`` product: with thin QR factorisations ``x^T = Q1 R1`` and
+    ``y^T = Q2 R2`` (float64), ``x^T y = Q1 (R1 R2^T) Q2^T`` has the singular values of the
+    ``n x n`` core ``C = R1 R2^T``. With ``P_c`` the polar factor of ``C``, the gradients are
+    ``y P^T = R2^T P_c^T Q1^T`` and ``x P = R1^T P_c Q2^T``. Cost O(n^2 d).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor) -> Tensor:
+        dev = _decomposition_device(x.device)
+        q1, r1 = torch.linalg.qr(x.detach().to(device=dev, dtype=_F64).mT)
+        q2, r2 = torch.linalg.qr(y.detach().to(device=dev, dtype=_F64).mT)
+        nuc, pc = _nuclear_and_polar(r1 @ r2.mT)
+        ctx.save_for_backward(q1, r1, q2, r2, pc)
+        ctx.out = (x.device, x.dtype, y.dtype)
+        return nuc.to(x.device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        q1, r1, q2, r2, pc = ctx.saved_tensors
+        device, x_dtype, y_dtype = ctx.out
+        g = g.to(device=q1.device, dtype=_F64)
+        gx = gy = None
+        if ctx.needs_input_grad[0]:
+            gx = (g * (r2.mT @ pc.mT) @ q1.mT).to(device=device, dtype=x_dtype)
+        if ctx.needs_input_grad[1]:
+            gy = (g * (r1.mT @ pc) @ q2.mT).to(device=device, dtype=y_dtype)
+        return gx, gy
+
+
+def _nuclear_norm_xty(xc: Tensor, yc: Tensor) -> Tensor:
+    """``||xc^T yc||_*`` in float64 on the cheaper side: ``n x n`` core when n is the smallest."""
+    if xc.shape[0] <= min(xc.shape[1], yc.shape[1]):
+        return _NuclearNormXtY.apply(xc, yc)
+    return _NuclearNorm.apply(xc.mT @ yc)
+
+
+def nuclear_norm(m: Tensor) -> Tensor:
+    """Nuclear norm ``||m||_* = sum_i sigma_i(m)`` of a 2-D tensor ``m`` (k1, k2).
+
+    Exact to float64 working precision (absolute error ~ k * eps * sigma_max), computed from an
+    eigendecomposition of the smaller Gram with deflation of its small eigenvalues. Its gradient is
+    the polar factor ``U V^T`` (restricted to the numerical range of ``m``): finite for repeated
+    and zero singular values, where ``torch.linalg.svdvals``'s backward returns NaN.
+
+    Returns a 0-dim tensor in float32 (float64 for float64 input). Range ``[0, inf)``.
+    """
+    if not isinstance(m, Tensor) or m.ndim != 2:
+        shape = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
+        raise ValueError(f"nuclear_norm expects a 2-D tensor, got {shape}")
+    if not bool(torch.isfinite(m).all()):
+        raise ValueError(f"m of shape {tuple(m.shape)} contains NaN or infinite values")
+    if m.numel() == 0:
+        return m.new_zeros((), dtype=_compute_dtype(m))
+    dtype = _compute_dtype(m)
+    return _NuclearNorm.apply(m.to(dtype)).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# distances
+
+
+def _clamp_keep_grad(t: Tensor, lo: float, hi: float) -> Tensor:
+    # Rounding can push a distance a hair outside its range; clamp the value but keep the
+    # gradient of the unclamped expression (a plain clamp would zero it exactly where x ~ y).
+    return t + (t.clamp(lo, hi) - t).detach()
+
+
+def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
+    # num / den, and 0 (with zero gradient) where den == 0, i.e. for a constant input
+    ok = den > 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def procrustes_distance(x: Tensor, y: Tensor, *, angular: bool = False) -> Tensor:
+    """Procrustes distance between the normalised representations ``X~`` and ``Y~``.
+
+    ``D_P = min_Q ||X~ - Y~ Q||_F^2 = 2 - 2 ||X~^T Y~||_*`` over orthonormal ``Q`` (zero-padding
+    the narrower side, so ``d_s != d_t`` needs no learned projection). Range ``[0, 2]``; 0 iff
+    ``Y~ = X~ Q`` for an isometry ``Q``. With ``angular=True`` returns the metric
+    ``arccos(||X~^T Y~||_*)`` in ``[0, pi/2]``, which satisfies the triangle inequality; it is
+    evaluated as ``2 asin(sqrt(D_P) / 2)`` so that it stays accurate near 0, with gradient 0
+    (a subgradient) exactly at ``D_P = 0``.
+
+    A distance (symmetric), invariant to translation, isotropic scaling and orthogonal transforms
+    of either input. ``x`` (n, d_s), ``y`` (n, d_t) -> 0-dim tensor. Paper: eq. for D_P in
+    arXiv:2509.25253; Williams et al. (2021).
+    """
+    x, y = _check_pair(x, y)
+    dist = _procrustes(x, y)
+    if x.dtype != _F64 and float(dist.detach()) < _REFINE_BELOW * 2.0:
+        dist = _procrustes(x.to(_F64), y.to(_F64))
+    dist = _clamp_keep_grad(dist, 0.0, 2.0)
+    if angular:
+        dist = 2.0 * torch.asin((_SafeSqrt.apply(dist) / 2.0).clamp_max(math.sqrt(0.5)))
+    return dist.to(x.dtype)
+
+
+def _procrustes(x: Tensor, y: Tensor) -> Tensor:
+    xc, nx = _centre(x)
+    yc, ny = _centre(y)
+    return 2.0 - 2.0 * _safe_ratio(_nuclear_norm_xty(xc, yc), nx * ny)
+
+
+def _sq_fro(m: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(m, dtype=_F64).square()
+
+
+def gram_distance(x: Tensor, y: Tensor) -> Tensor:
+    """Feature Gram matrix distance ``D_FG = ||X~ X~^T - Y~ Y~^T||_F^2``.
+
+    Evaluated through the ``d x d`` identity
+    ``||X~^T X~||_F^2 + ||Y~^T Y~||_F^2 - 2 ||X~^T Y~||_F^2`` (never an ``n x n`` matrix; memory
+    O(d^2 + n d)). Range ``[0, 2]``; 0 iff ``Y~ = X~ Q`` for an isometry ``Q`` (the same zero set
+    as the Procrustes distance). A distance, invariant to translation, isotropic scaling and
+    orthogonal transforms of either input. ``x`` (n, d_s), ``y`` (n, d_t) -> 0-dim tensor.
+    Paper: D_FG in arXiv:2509.25253.
+    """
+    x, y = _check_pair(x, y)
+    dist, scale = _gram(x, y)
+    if x.dtype != _F64 and float(dist.detach()) < _REFINE_BELOW * float(scale):
+        dist, _ = _gram(x.to(_F64), y.to(_F64))
+    return _clamp_keep_grad(dist, 0.0, 2.0).to(x.dtype)
+
+
+def _gram(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(D_FG, ||X~^T X~||^2 + ||Y~^T Y~||^2)`` in float64 from products in ``x.dtype``."""
+    xc, nx = _centre(x)
+    yc, ny = _centre(y)
+    nx2, ny2 = nx.square(), ny.square()
+    xx = _safe_ratio(_sq_fro(xc.mT @ xc), nx2.square())
+    yy = _safe_ratio(_sq_fro(yc.mT @ yc), ny2.square())
+    xy = _safe_ratio(_sq_fro(xc.mT @ yc), nx2 * ny2)
+    return xx + yy - 2.0 * xy, (xx + yy).detach()
+
+
+def cka(x: Tensor, y: Tensor) -> Tensor:
+    """Linear centred kernel alignment (Kornblith et al. 2019), a similarity in ``[0, 1]``.
+
+    ``CKA = ||X^T Y||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` on column-centred ``X``, ``Y`` (d x d
+    form, never ``n x n``). 1 iff ``Y = c X Q`` for an isometry ``Q``; invariant to translation,
+    isotropic scaling and orthogonal transforms, but not a metric: the paper's Theorem 1 builds
+    teachers of different geometry with the same CKA. Returns 0 for a constant input.
+    ``x`` (n, d_s), ``y`` (n, d_t) -> 0-dim tensor.
+    """
+    x, y = _check_pair(x, y)
+    return _cka(x, y).to(x.dtype)
+
+
+def _cka(x: Tensor, y: Tensor) -> Tensor:
+    sim = _cka_value(x, y)
+    if x.dtype != _F64 and 1.0 - float(sim.detach()) < _REFINE_BELOW:  # 1 - cka would cancel
+        sim = _cka_value(x.to(_F64), y.to(_F64))
+    return _clamp_keep_grad(sim, 0.0, 1.0)
+
+
+def _cka_value(x: Tensor, y: Tensor) -> Tensor:
+    xc, _ = _centre(x)
+    yc, _ = _centre(y)
+    xy = _sq_fro(xc.mT @ yc)
+    den = torch.linalg.vector_norm(xc.mT @ xc, dtype=_F64) * torch.linalg.vector_norm(yc.mT @ yc, dtype=_F64)
+    return _safe_ratio(xy, den)
+
+
+def cka_distance(x: Tensor, y: Tensor) -> Tensor:
+    """``1 - cka(x, y)``, in ``[0, 1]``; 0 iff ``Y = c X Q``. Same shapes and numerics as :func:`cka`."""
+    x, y = _check_pair(x, y)
+    return (1.0 - _cka(x, y)).to(x.dtype)

@@ -1,0 +1,451 @@
+"""geodistill.geometry against independent float64 references and the maths' own properties."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from geodistill.geometry import (
+    cka,
+    cka_distance,
+    gram_distance,
+    normalize,
+    nuclear_norm,
+    procrustes_distance,
+)
+
+# ----------------------------------------------------------------------------------------------
+# independent float64 references (NumPy SVD, explicit n x n matrices)
+
+
+def _ref_normalize(a: np.ndarray) -> np.ndarray:
+    a = a - a.mean(axis=0, keepdims=True)
+    nrm = np.linalg.norm(a)
+    return a / nrm if nrm > 0 else a
+
+
+def ref_all(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Every distance from its textbook definition, in float64 NumPy."""
+    xn = _ref_normalize(x.detach().double().cpu().numpy())
+    yn = _ref_normalize(y.detach().double().cpu().numpy())
+    nuc = np.linalg.svd(xn.T @ yn, compute_uv=False).sum()
+    kx, ky = xn @ xn.T, yn @ yn.T  # n x n on purpose: an independent route
+    hsic = np.sum(kx * ky)
+    return {
+        "procrustes": 2.0 - 2.0 * nuc,
+        # arccos(nuc) in the well-conditioned form, with D_P from the residual of the optimal Q
+        "angular": float(np.arccos(np.clip(nuc, -1.0, 1.0))),
+        "gram": float(np.sum((kx - ky) ** 2)),
+        "cka": float(hsic / (np.linalg.norm(kx) * np.linalg.norm(ky))),
+    }
+
+
+def ours(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    return {
+        "procrustes": procrustes_distance(x, y).item(),
+        "angular": procrustes_distance(x, y, angular=True).item(),
+        "gram": gram_distance(x, y).item(),
+        "cka": cka(x, y).item(),
+    }
+
+
+def _orth(n: int, k: int, g: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    return q.to(dtype)
+
+
+def make_case(name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input classes named in the acceptance list of the geometry core."""
+    g = torch.Generator().manual_seed(abs(hash(name)) % 2**31)
+
+    def randn(*s: int) -> torch.Tensor:
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    if name == "n_lt_d":
+        x, y = randn(24, 80), randn(24, 100)
+    elif name == "n_gt_d":
+        x, y = randn(400, 30), randn(400, 30)
+    elif name == "ds_ne_dt":
+        x, y = randn(300, 48), randn(300, 20)
+    elif name == "rank_deficient":  # rank 5 features in 40 dims, both sides
+        x, y = randn(200, 5) @ randn(5, 40), randn(200, 5) @ randn(5, 60)
+    elif name == "repeated_sv":  # X^T Y with many equal singular values
+        u = _orth(300, 40, g)
+        x = u[:, :20]
+        y = u[:, :20] @ _orth(20, 20, g) + 0.0 * randn(300, 20)
+        y = torch.cat([y, u[:, 20:30]], dim=1)
+    elif name == "rotated_scaled_shifted":
+        y = randn(250, 32)
+        x = 3.7 * y @ _orth(32, 32, g) + 11.0
+    elif name == "rotated_wider":  # x = y Q with Q (d_t x d_s) having orthonormal rows
+        y = randn(250, 16)
+        x = -0.5 * y @ _orth(40, 16, g).T + 2.0
+    elif name == "identical":
+        y = randn(100, 24)
+        x = y.clone()
+    elif name == "nearly_identical":
+        y = randn(300, 24)
+        x = y + 1e-4 * randn(300, 24)
+    elif name == "constant_column":
+        y = randn(120, 16)
+        x = randn(120, 12)
+        x[:, 3] = 5.0
+        y[:, 0] = -1.0
+    elif name == "graded_spectrum":  # singular values of the features spread over 8 decades
+        s = torch.logspace(0, -8, 30, dtype=torch.float64)
+        x = _orth(500, 30, g) * s @ _orth(30, 30, g)
+        y = x @ _orth(30, 30, g) + 1e-3 * randn(500, 30) * s
+    else:
+        raise KeyError(name)
+    return x.to(dtype).contiguous(), y.to(dtype).contiguous()
+
+
+CASES = [
+    "n_lt_d",
+    "n_gt_d",
+    "ds_ne_dt",
+    "rank_deficient",
+    "repeated_sv",
+    "rotated_scaled_shifted",
+    "rotated_wider",
+    "identical",
+    "nearly_identical",
+    "constant_column",
+    "graded_spectrum",
+]
+TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-9, 1e-12)}
+ANGULAR_NEAR_ZERO = {torch.float32: 1e-3, torch.float64: 1e-6}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASES)
+def test_exact_against_float64_reference(case: str, dtype: torch.dtype) -> None:
+    x, y = make_case(case, dtype)
+    ref, got = ref_all(x, y), ours(x, y)
+    rel, absolute = TOL[dtype]
+    for key in ("procrustes", "gram", "cka"):
+        assert abs(got[key] - ref[key]) <= rel * abs(ref[key]) + absolute, (key, got[key], ref[key])
+    cka_d = cka_distance(x, y).item()
+    assert abs(cka_d - (1 - ref["cka"])) <= rel * abs(1 - ref["cka"]) + absolute
+    # the angular form inherits arccos's conditioning near 0 (the reference's own arccos(nuc) is
+    # only good to sqrt(eps) there): an absolute bound applies near 0
+    bound = max(rel * ref["angular"] + absolute, ANGULAR_NEAR_ZERO[dtype] if ref["angular"] < 1e-2 else 0.0)
+    assert abs(got["angular"] - ref["angular"]) <= bound
+
+
+@pytest.mark.parametrize("case", ["rotated_scaled_shifted", "rotated_wider", "identical"])
+def test_isometric_copies_have_zero_distance(case: str) -> None:
+    x, y = make_case(case, torch.float64)
+    assert procrustes_distance(x, y).item() < 1e-12
+    assert procrustes_distance(x, y, angular=True).item() < 1e-6
+    assert gram_distance(x, y).item() < 1e-12
+    assert cka_distance(x, y).item() < 1e-12
+
+
+@pytest.mark.parametrize("case", ["nearly_identical", "graded_spectrum"])
+def test_small_distances_keep_relative_digits(case: str) -> None:
+    # 2 - 2*nuc from float32 products cancels here; the value must keep its relative digits
+    x, y = make_case(case, torch.float32)
+    ref = ref_all(x, y)
+    assert 0 < ref["procrustes"] < 1e-3
+    assert procrustes_distance(x, y).item() == pytest.approx(ref["procrustes"], rel=1e-5)
+    assert gram_distance(x, y).item() == pytest.approx(ref["gram"], rel=1e-5)
+    assert cka_distance(x, y).item() == pytest.approx(1 - ref["cka"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# properties from the maths
+
+
+def _random_pair(seed: int, n: int = 60, ds: int = 12, dt: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(n, ds, generator=g, dtype=torch.float64),
+        torch.randn(n, dt, generator=g, dtype=torch.float64)
+        + torch.randn(n, 1, generator=g, dtype=torch.float64),
+    )
+
+
+DISTANCES = {
+    "procrustes": procrustes_distance,
+    "angular": lambda a, b: procrustes_distance(a, b, angular=True),
+    "gram": gram_distance,
+    "cka_distance": cka_distance,
+}
+
+
+@pytest.mark.parametrize("name", list(DISTANCES))
+def test_invariance_to_rotation_scale_translation(name: str) -> None:
+    f = DISTANCES[name]
+    x, y = _random_pair(1)
+    g = torch.Generator().manual_seed(7)
+    base = f(x, y).item()
+    x2 = 0.01 * x @ _orth(12, 12, g) - 42.0
+    y2 = 1e3 * y @ _orth(9, 9, g) + torch.randn(1, 9, generator=g, dtype=torch.float64)
+    assert f(x2, y2).item() == pytest.approx(base, rel=1e-10, abs=1e-12)
+    # a non-isotropic scaling is NOT an invariance: the test must be able to fail
+    x3 = x * torch.linspace(0.1, 10, 12, dtype=torch.float64)
+    assert abs(f(x3, y).item() - base) > 1e-3
+
+
+@pytest.mark.parametrize("name", list(DISTANCES))
+def test_symmetry_and_range(name: str) -> None:
+    f = DISTANCES[name]
+    upper = {"procrustes": 2.0, "angular": math.pi / 2, "gram": 2.0, "cka_distance": 1.0}[name]
+    for seed in range(5):
+        x, y = _random_pair(seed)
+        a, b = f(x, y).item(), f(y, x).item()
+        assert a == pytest.approx(b, rel=1e-12, abs=1e-14)
+        assert 0.0 <= a <= upper
+        assert f(x, x).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_range_is_reached_by_orthogonal_representations() -> None:
+    # x and y living in orthogonal subspaces of the sample space: X^T Y = 0
+    g = torch.Generator().manual_seed(3)
+    q = _orth(40, 20, g)
+    x, y = q[:, :10] - q[:, :10].mean(0), q[:, 10:] - q[:, 10:].mean(0)
+    q2 = _orth(40, 21, g)
+    basis = q2 - q2.mean(0)  # centred columns, then re-orthonormalise in the centred space
+    basis, _ = torch.linalg.qr(basis[:, :20])
+    x, y = basis[:, :10], basis[:, 10:]
+    assert procrustes_distance(x, y).item() == pytest.approx(2.0, abs=1e-12)
+    assert procrustes_distance(x, y, angular=True).item() == pytest.approx(math.pi / 2, abs=1e-7)
+    assert cka(x, y).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_triangle_inequality_of_angular_procrustes() -> None:
+    g = torch.Generator().manual_seed(11)
+    squared_violations = 0
+    for _ in range(200):
+        n = 30
+        base = torch.randn(n, 6, generator=g, dtype=torch.float64)
+
+        def noisy(width: int, base: torch.Tensor = base, n: int = n) -> torch.Tensor:
+            # correlated triples make the inequality tight enough to matter
+            w = torch.randn(6, width, generator=g, dtype=torch.float64)
+            return base @ w + 0.3 * torch.randn(n, width, generator=g, dtype=torch.float64)
+
+        a, b, c = noisy(5), noisy(7), noisy(4)
+        ang = [procrustes_distance(p, q, angular=True).item() for p, q in ((a, b), (b, c), (a, c))]
+        assert ang[0] + ang[1] - ang[2] >= -1e-10
+        sq = [procrustes_distance(p, q).item() for p, q in ((a, b), (b, c), (a, c))]
+        squared_violations += sq[0] + sq[1] < sq[2]
+    # the squared form is not a metric: it must fail somewhere, or this test could not tell
+    # the two forms apart
+    assert squared_violations > 0
+
+
+def test_zero_sets_agree() -> None:
+    # D_P = 0 iff D_FG = 0: both vanish exactly for isometries, both positive otherwise
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        y = torch.randn(80, 10, generator=g, dtype=torch.float64)
+        x = y @ _orth(10, 10, g)
+        assert procrustes_distance(x, y).item() < 1e-12 and gram_distance(x, y).item() < 1e-12
+        x = x + 1e-3 * torch.randn(80, 10, generator=g, dtype=torch.float64)
+        assert procrustes_distance(x, y).item() > 1e-9 and gram_distance(x, y).item() > 1e-12
+
+
+# ----------------------------------------------------------------------------------------------
+# the nuclear norm itself
+
+
+def _graded(n: int, m: int, s: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    k = s.numel()
+    return _orth(n, k, g) * s @ _orth(m, k, g).T
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["random", "wide", "rank_deficient", "repeated_and_zero", "graded_12_decades", "identity", "rank_one"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_nuclear_norm_against_svd(kind: str, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(2)
+    if kind == "random":
+        m = torch.randn(70, 50, generator=g, dtype=torch.float64)
+    elif kind == "wide":
+        m = torch.randn(30, 90, generator=g, dtype=torch.float64)
+    elif kind == "rank_deficient":
+        m = torch.randn(60, 7, generator=g, dtype=torch.float64) @ torch.randn(
+            7, 80, generator=g, dtype=torch.float64
+        )
+    elif kind == "repeated_and_zero":
+        s = torch.cat([torch.ones(20), torch.full((20,), 1e-3), torch.zeros(20)]).double()
+        m = _graded(80, 60, s, g)
+    elif kind == "graded_12_decades":
+        m = _graded(90, 60, torch.logspace(0, -12, 60, dtype=torch.float64), g)
+    elif kind == "identity":
+        m = torch.eye(40, dtype=torch.float64)
+    else:
+        m = torch.randn(50, 1, generator=g, dtype=torch.float64) @ torch.randn(
+            1, 30, generator=g, dtype=torch.float64
+        )
+    m = m.to(dtype)
+    ref = np.linalg.svd(m.double().numpy(), compute_uv=False).sum()
+    got = nuclear_norm(m)
+    assert got.dtype == dtype
+    rel = 1e-12 if dtype == torch.float64 else 1e-6  # float32 result rounding only
+    assert abs(got.item() - ref) <= rel * ref
+
+
+def test_nuclear_norm_gradient_is_polar_factor_even_for_repeated_singular_values() -> None:
+    g = torch.Generator().manual_seed(4)
+    u, v = _orth(12, 12, g), _orth(9, 9, g)
+    s = torch.tensor([2.0, 2.0, 2.0, 1.0, 1.0, 0.5, 0.0, 0.0, 0.0], dtype=torch.float64)
+    m = (u[:, :9] * s @ v.T).requires_grad_(True)
+    nuclear_norm(m).backward()
+    expected = u[:, :6] @ v[:, :6].T  # U V^T on the range; zero singular values contribute nothing
+    assert torch.allclose(m.grad, expected, atol=1e-10)
+    # for comparison, svdvals' backward is not defined here
+    m2 = m.detach().clone().requires_grad_(True)
+    torch.linalg.svdvals(m2).sum().backward()
+    assert not torch.isfinite(m2.grad).all() or not torch.allclose(m2.grad, expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# gradients
+
+
+@pytest.mark.parametrize("shape", [(20, 5, 7), (6, 10, 12), (9, 4, 4)], ids=["n>d", "n<d", "square"])
+@pytest.mark.parametrize("name", [*list(DISTANCES), "cka"])
+def test_gradcheck(shape: tuple[int, int, int], name: str) -> None:
+    f = DISTANCES.get(name, cka)
+    n, ds, dt = shape
+    g = torch.Generator().manual_seed(n * 100 + ds)
+    x = torch.randn(n, ds, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(n, dt, generator=g, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(f, (x, y), eps=1e-6, atol=1e-7)
+
+
+def test_gradcheck_nuclear_norm() -> None:
+    g = torch.Generator().manual_seed(0)
+    for shape in [(5, 7), (8, 3)]:
+        m = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+        assert gradcheck(nuclear_norm, (m,))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "identical",
+        "rotated_scaled_shifted",
+        "rotated_wider",
+        "rank_deficient",
+        "n_lt_d",
+        "constant_column",
+        "nearly_identical",
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_gradients_finite_everywhere(case: str, dtype: torch.dtype) -> None:
+    x, y = make_case(case, dtype)
+    for name, f in DISTANCES.items():
+        xg, yg = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        gx, gy = torch.autograd.grad(f(xg, yg), (xg, yg))
+        assert torch.isfinite(gx).all() and torch.isfinite(gy).all(), name
+
+
+def test_gradient_vanishes_at_the_minimum() -> None:
+    x, y = make_case("rotated_scaled_shifted", torch.float64)
+    for name in ("procrustes", "gram", "cka_distance"):
+        xg = x.clone().requires_grad_(True)
+        (gx,) = torch.autograd.grad(DISTANCES[name](xg, y), xg)
+        assert gx.abs().max().item() < 1e-10, name
+
+
+def test_constant_input_is_finite() -> None:
+    y = torch.randn(10, 4, dtype=torch.float64)
+    x = torch.full((10, 3), 2.5, dtype=torch.float64, requires_grad=True)
+    for name, f in DISTANCES.items():
+        (gx,) = torch.autograd.grad(f(x, y), x)
+        assert torch.isfinite(gx).all(), name
+    assert procrustes_distance(x, y).item() == 2.0
+    assert cka(x, y).item() == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# dtypes, devices, errors, memory
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_compute_in_float32(dtype: torch.dtype) -> None:
+    x, y = _random_pair(0)
+    xh, yh = x.to(dtype), y.to(dtype)
+    for name, f in DISTANCES.items():
+        out = f(xh, yh)
+        assert out.dtype == torch.float32 and out.ndim == 0
+        ref = f(xh.double(), yh.double()).item()  # same (rounded) inputs, exact arithmetic
+        assert out.item() == pytest.approx(ref, rel=1e-5, abs=1e-6), name
+
+
+def test_mixed_dtypes_promote_to_float64() -> None:
+    x, y = _random_pair(0)
+    assert procrustes_distance(x.float(), y).dtype == torch.float64
+
+
+def test_normalize() -> None:
+    x, _ = _random_pair(0)
+    xn = normalize(x * 3 + 1)
+    assert torch.allclose(xn.mean(0), torch.zeros(12, dtype=torch.float64), atol=1e-15)
+    assert xn.norm().item() == pytest.approx(1.0, rel=1e-14)
+    assert torch.allclose(xn, torch.from_numpy(_ref_normalize(x.numpy())), atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "x, y, match",
+    [
+        (torch.randn(5), torch.randn(5, 2), r"x must be 2-D.*\(5,\)"),
+        (torch.randn(5, 2, 1), torch.randn(5, 2), r"x must be 2-D.*\(5, 2, 1\)"),
+        (torch.randn(5, 3), torch.randn(4, 3), r"same number of rows.*\(5, 3\).*\(4, 3\)"),
+        (torch.randn(1, 3), torch.randn(1, 3), r"at least 2 rows.*\(1, 3\)"),
+        (torch.randn(5, 0), torch.randn(5, 3), r"at least 1 column.*\(5, 0\)"),
+        (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), torch.randn(2, 2), r"x of shape \(2, 2\).*NaN"),
+        (
+            torch.randn(3, 2),
+            torch.tensor([[1.0], [float("inf")], [0.0]]),
+            r"y of shape \(3, 1\).*NaN or infinite",
+        ),
+        (torch.randint(0, 3, (4, 2)), torch.randn(4, 2), r"x must be float"),
+    ],
+)
+def test_bad_input_errors(x: torch.Tensor, y: torch.Tensor, match: str) -> None:
+    for f in (*DISTANCES.values(), cka):
+        with pytest.raises(ValueError, match=match):
+            f(x, y)
+
+
+def test_nuclear_norm_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"2-D.*\(3,\)"):
+        nuclear_norm(torch.randn(3))
+    with pytest.raises(ValueError, match="NaN"):
+        nuclear_norm(torch.tensor([[float("nan")]]))
+
+
+def _peak_cpu_alloc(fn) -> int:
+    """Largest single CPU allocation made while running ``fn`` (bytes), from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+
+@pytest.mark.parametrize("f", [gram_distance, cka, procrustes_distance], ids=["gram", "cka", "procrustes"])
+def test_65536_tokens_without_n_by_n_allocation(f) -> None:
+    n, d = 65_536, 32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g, requires_grad=True)
+    y = torch.randn(n, 24, generator=g)
+
+    def run() -> None:
+        f(x, y).backward()
+
+    peak = _peak_cpu_alloc(run)
+    assert 0 < peak < n * d * 8 * 4, peak  # a few n x d buffers at most
+    assert peak < n * n * 4 // 1000  # an n x n float32 matrix would be 17 GB
