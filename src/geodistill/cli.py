@@ -1,0 +1,216 @@
+"""Command-line interface: parse -> config -> call. Each subcommand is a thin function.
+
+Configs are YAML files (or the name of a config shipped in ``geodistill/configs``) plus
+``--set key=value`` overrides; unknown keys are errors. Errors in configs and inputs print one
+line naming the field or file and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def resolve_config_path(name: str | None) -> Path | None:
+    """A path as given, or a shipped config by name (``demo`` -> geodistill/configs/demo.yaml)."""
+    if name is None:
+        return None
+    p = Path(name)
+    if p.exists():
+        return p
+    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if candidate.exists():
+            return candidate
+    from geodistill.config import ConfigError
+
+    raise ConfigError(
+        f"config {name!r} not found (neither a file nor a shipped config; shipped: {', '.join(shipped_configs())})"
+    )
+
+
+def shipped_configs() -> list[str]:
+    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from geodistill.config import DistillConfig, load_config
+
+    return load_config(DistillConfig, resolve_config_path(args.config), args.set)
+
+
+def _cmd_theory(args: argparse.Namespace) -> int:
+    from geodistill.theory import run_theory
+
+    report = run_theory(Path(args.out), seed=args.seed, quick=args.quick)
+    print(f"wrote {report}")
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from geodistill.train import distill
+
+    cfg = _load(args)
+    results = distill(cfg, progress=not args.quiet)
+    print(
+        json.dumps(
+            {k: results[k] for k in ("output_dir", "student_dir", "dev", "test", "seconds_per_step")},
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from geodistill.finetune import finetuned_teacher
+
+    cfg = _load(args)
+    path = finetuned_teacher(cfg, progress=not args.quiet)
+    results = json.loads((path.parent / "results.json").read_text())
+    print(json.dumps({"teacher_dir": str(path), "dev": results["dev"], "test": results["test"]}, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from geodistill.evaluate_model import evaluate_saved
+
+    cfg = _load(args)
+    metrics = evaluate_saved(args.model, cfg, splits=args.split)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_similarity(args: argparse.Namespace) -> int:
+    from geodistill.evaluate_model import similarity_report
+
+    cfg = _load(args)
+    paths = similarity_report(
+        args.model_a,
+        args.model_b,
+        cfg,
+        Path(args.out),
+        split=args.split,
+        pooling=args.pooling,
+        max_examples=args.max_examples,
+    )
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from geodistill.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, progress=not args.quiet, overrides=args.set)
+    return 0
+
+
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from geodistill.config import DistillConfig, describe, to_dict
+
+    if args.config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(_load(args)), sort_keys=False))
+        return 0
+    print("shipped configs: " + ", ".join(shipped_configs()) + "\n")
+    for key, default, text in describe(DistillConfig):
+        print(f"{key} = {default}\n    {text}")
+    return 0
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("config", nargs=None if required else "?", help="YAML config file or shipped config name")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (YAML syntax; list items by index: losses.1.weight=0.5); repeatable",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="geodistill",
+        description="Knowledge distillation with geometry-aware representational alignment (Procrustes, Gram, CKA).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "demo", help="offline end-to-end demo: fine-tune MiniLM, distil students, print a table"
+    )
+    p.add_argument("--out", default="outputs/demo", help="output directory")
+    p.add_argument(
+        "--quick", action="store_true", help="a much smaller run (a minute or two; what the tests run)"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override every run's config"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("distill", help="distil a student from a teacher (config + --set overrides)")
+    _config_args(p)
+    p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("finetune", help="fine-tune the config's teacher on its task (cached for later runs)")
+    _config_args(p)
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("eval", help="evaluate a saved model directory on the config's dataset")
+    p.add_argument("model", help="model directory (e.g. runs/x/best) or name")
+    _config_args(p)
+    p.add_argument(
+        "--split", action="append", choices=["train", "dev", "test"], help="splits (default dev and test)"
+    )
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("similarity", help="CKA / Procrustes / Gram between every layer pair of two models")
+    p.add_argument("model_a", help="first model (directory, offline or hub name)")
+    p.add_argument("model_b", help="second model")
+    _config_args(p)
+    p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    p.add_argument("--pooling", default="cls", choices=["cls", "mean", "tokens", "last"])
+    p.add_argument("--max-examples", type=int, default=512, help="examples used (first N of the split)")
+    p.add_argument("--out", default="outputs/similarity", help="output directory for the CSV and heatmaps")
+    p.set_defaults(func=_cmd_similarity)
+
+    p = sub.add_parser("theory", help="the paper's theorems and synthetic study, in numbers and plots")
+    p.add_argument("--out", default="outputs/theory", help="output directory for report.md and PNG figures")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--quick", action="store_true", help="smaller synthetic study (seconds, for tests)")
+    p.set_defaults(func=_cmd_theory)
+
+    p = sub.add_parser(
+        "configs", help="list shipped configs and every config key, or print a resolved config"
+    )
+    _config_args(p)
+    p.set_defaults(func=_cmd_configs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from geodistill.assets import AssetError
+    from geodistill.config import ConfigError
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, AssetError, ValueError, FileNotFoundError) as e:
+        # config and input errors (data files, labels, layer indices): one line naming the culprit;
+        # GEODISTILL_DEBUG=1 shows the traceback
+        if os.environ.get("GEODISTILL_DEBUG"):
+            raise
+        print(f"geodistill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""Configuration: frozen dataclasses, strict loading, command-line overrides.
+
+Every field is documented once, in its ``help`` metadata; that text feeds ``geodistill ... --help``
+and error messages. Loading is strict: an unknown key is an error that names its full path
+(``losses[2].temprature``), and values are checked against the field's type. Configs hold no
+code. YAML files may ``include:`` other YAML files (relative paths), merged key by key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DistillConfig",
+    "LossConfig",
+    "ModelConfig",
+    "StudentConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_hash",
+    "from_dict",
+    "load_config",
+    "to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid. The message names the offending field."""
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+# ------------------------------------------------------------------------------------------
+# the schema
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which examples to train and evaluate on."""
+
+    name: str = _help(
+        "dataset: an offline name (rotten_tomatoes, reuters_r8, 20newsgroups, natural_instructions, ...), "
+        "a hub name (glue/cola, glue/rte, databricks/databricks-dolly-15k), or a local .csv/.jsonl file or directory",
+        default="rotten_tomatoes",
+    )
+    split_seed: int = _help(
+        "seed of the train/dev/test split for datasets without an official one", default=0
+    )
+    max_train: int | None = _help(
+        "subsample the training split to this many examples (stratified, seeded)", default=None
+    )
+    max_eval: int | None = _help("subsample dev and test to this many examples each", default=None)
+    max_length: int = _help("truncate tokenised inputs to this many tokens", default=128)
+    text_column: str | None = _help(
+        "local files: column holding the text (default: text/sentence/sentence1)", default=None
+    )
+    text_pair_column: str | None = _help(
+        "local files: column holding the second text of pair tasks", default=None
+    )
+    label_column: str | None = _help("local files: column holding the label (default: label)", default=None)
+    max_new_tokens: int = _help("instruction tasks: tokens generated per answer at evaluation", default=64)
+    max_prompt_length: int = _help(
+        "instruction tasks: truncate prompts (from the left) to this many tokens", default=384
+    )
+    max_per_task: int | None = _help("instruction tasks: cap on training instances per task", default=None)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model by offline name (minilm-l6, smollm2-135m-instruct), hub name or local directory."""
+
+    name: str = _help("offline name, hub name or local directory", default="minilm-l6")
+    finetune: bool = _help(
+        "fine-tune this (teacher) model on the task first, cached and reused across runs "
+        "(needed when the checkpoint has no head for the task)",
+        default=True,
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = _help(
+        "weights dtype for a frozen teacher", default="float32"
+    )
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """How the student is made. It always shares the teacher's tokenizer unless ``init=pretrained``."""
+
+    init: Literal["layer_subset", "config", "pretrained"] = _help(
+        "layer_subset: copy of the teacher keeping `layers` (DistilBERT-style); config: random init from the "
+        "teacher's config with new sizes; pretrained: load `name`",
+        default="config",
+    )
+    layers: tuple[int, ...] | None = _help(
+        "layer_subset: teacher layers to keep (0-based, in order)", default=None
+    )
+    num_layers: int = _help("config: number of transformer layers", default=4)
+    hidden_size: int = _help("config: hidden width", default=192)
+    num_heads: int = _help("config: attention heads (must divide hidden_size)", default=4)
+    intermediate_size: int | None = _help(
+        "config: feed-forward width (default 4 x hidden_size)", default=None
+    )
+    architecture: str | None = _help(
+        "config: another architecture than the teacher's (e.g. opt), same vocabulary", default=None
+    )
+    name: str | None = _help("pretrained: offline name, hub name or local directory", default=None)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """One named, weighted term of the training objective."""
+
+    name: str = _help("loss: ce, kd, pkd, proj_mse, cka, procrustes, gram")
+    weight: float = _help("weight of this term in the objective", default=1.0)
+    temperature: float | None = _help(
+        "kd: softmax temperature tau (the loss is scaled by tau^2)", default=None
+    )
+    direction: Literal["forward", "reverse"] | None = _help(
+        "kd: forward KL(teacher || student) or reverse KL(student || teacher)", default=None
+    )
+    layers: Any = _help(
+        "feature terms: 'last', 'uniform', or explicit [[student_layer, teacher_layer], ...] pairs; "
+        "hidden-state indices, 0 = embeddings, L = last layer",
+        default=None,
+    )
+    pooling: Literal["cls", "mean", "tokens", "last"] | None = _help(
+        "feature terms: which vectors are the samples: the first token, the mean over valid tokens, "
+        "every valid token, or the last valid token",
+        default=None,
+    )
+    angular: bool | None = _help(
+        "procrustes: use the angular metric arccos(nuc) instead of 2 - 2 nuc", default=None
+    )
+    scope: Literal["global", "local"] | None = _help(
+        "cka/procrustes/gram under data parallelism: over the global batch (default) or each rank's shard",
+        default=None,
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, evaluation and checkpointing."""
+
+    seed: int = _help(
+        "seed of student initialisation, data order and dropout (shared across methods)", default=0
+    )
+    epochs: float = _help("training epochs (ignored when max_steps is set)", default=3.0)
+    max_steps: int | None = _help("optimiser steps; overrides epochs", default=None)
+    batch_size: int = _help("examples per micro-batch (per process)", default=32)
+    grad_accum: int = _help("micro-batches per optimiser step", default=1)
+    lr: float = _help("peak learning rate of AdamW", default=1e-4)
+    weight_decay: float = _help("AdamW weight decay (not applied to biases and norms)", default=0.01)
+    warmup_ratio: float = _help("fraction of steps of linear warm-up", default=0.1)
+    schedule: Literal["linear", "cosine", "constant"] = _help(
+        "learning-rate decay after warm-up", default="linear"
+    )
+    max_grad_norm: float | None = _help("clip the gradient norm (None: no clipping)", default=1.0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _help(
+        "autocast precision: auto = bf16 on a GPU that supports it, else no", default="auto"
+    )
+    eval_every: int | None = _help("evaluate on dev every N steps (default: once per epoch)", default=None)
+    eval_batch_size: int = _help("examples per evaluation batch", default=64)
+    save_every: int | None = _help(
+        "checkpoint every N steps for resuming (default: at each evaluation)", default=None
+    )
+    log_every: int = _help("write a log line every N optimiser steps", default=10)
+    select_metric: str | None = _help(
+        "dev metric for best-checkpoint selection (default: the task's metric)", default=None
+    )
+    cache_teacher: bool = _help(
+        "compute teacher logits and tapped features once per example and reuse them", default=True
+    )
+    num_workers: int = _help("DataLoader worker processes", default=0)
+    device: str | None = _help("force a device (cpu, cuda, mps); default: Accelerate's choice", default=None)
+    threads: int | None = _help("CPU threads for torch (default: torch's choice)", default=None)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """A whole run: data, teacher, student, objective, training and where results go."""
+
+    task: Literal["classification", "instruction"] = _help(
+        "classification or instruction following", default="classification"
+    )
+    data: DataConfig = _help("the dataset", default_factory=DataConfig)
+    teacher: ModelConfig = _help("the frozen teacher", default_factory=ModelConfig)
+    student: StudentConfig = _help("the student", default_factory=StudentConfig)
+    losses: tuple[LossConfig, ...] = _help(
+        "terms of the objective, e.g. [{name: kd, temperature: 2}, {name: procrustes, weight: 1}]",
+        default=(LossConfig(name="ce"),),
+    )
+    train: TrainConfig = _help("optimisation", default_factory=TrainConfig)
+    teacher_train: TrainConfig = _help(
+        "optimisation of the teacher's fine-tuning (teacher.finetune), cached by teacher, data and these settings",
+        default_factory=lambda: TrainConfig(lr=5e-5, epochs=2.0, warmup_ratio=0.1),
+    )
+    output_dir: str = _help("directory for checkpoints, logs and the final student", default="runs/distill")
+    overwrite: bool = _help("reuse an output directory that holds another run's files", default=False)
+
+
+# ------------------------------------------------------------------------------------------
+# strict conversion between dicts and dataclasses
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert containers; raise naming ``path``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {_type_name(tp)}"
+        )
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = (a for a in get_args(tp) if a is not Ellipsis)
+        return tuple(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp}")  # a schema bug, not a user error
+
+
+def from_dict(cls: type[T], data: Any, path: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and ill-typed values."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]!s} (known keys{' of ' + path if path else ''}: {', '.join(fields)})"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{sub}: required")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain JSON/YAML-ready structure (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    return copy.deepcopy(obj)
+
+
+def config_hash(obj: Any, length: int = 12) -> str:
+    """Stable short hash of a config (or any JSON-able structure)."""
+    blob = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+# ------------------------------------------------------------------------------------------
+# files and overrides
+
+
+def _yaml():
+    try:
+        import yaml
+    except ImportError as e:  # the core package does not depend on PyYAML
+        raise ConfigError("reading YAML configs needs PyYAML: pip install 'geodistill[hf]'") from e
+    return yaml
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, resolving ``include:`` (a path or list of paths, relative to the file)."""
+    path = Path(path)
+    try:
+        data = _yaml().safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    except _yaml().YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    includes = data.pop("include", [])
+    base: dict = {}
+    for inc in [includes] if isinstance(includes, str) else includes:
+        base = _merge(base, read_yaml(path.parent / inc))
+    return _merge(base, data)
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = data
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = node[_index(key, dotted, len(node))]
+            continue
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict | list):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a mapping")
+    last = keys[-1]
+    if isinstance(node, list):
+        node[_index(last, dotted, len(node))] = value
+    else:
+        node[last] = value
+
+
+def _index(key: str, dotted: str, n: int) -> int:
+    if not key.lstrip("-").isdigit() or not -n <= int(key) < n:
+        raise ConfigError(f"--set {dotted}: {key!r} is not an index of a list of {n}")
+    return int(key)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML; list items by index: losses.1.weight=2)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip(), _yaml().safe_load(raw) if raw.strip() else "")
+    return data
+
+
+C = TypeVar("C")
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Load ``cls`` from a YAML file (or defaults) plus ``--set`` overrides, strictly."""
+    data = read_yaml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    return from_dict(cls, data)
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(dotted key, default, help)`` for every field, recursively: the reference for docs and --help."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, key + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = json.dumps(to_dict(f.default))
+        elif f.default_factory is not dataclasses.MISSING:
+            default = json.dumps(to_dict(f.default_factory()))
+        else:
+            default = "(required)"
+        rows.append((key, default, f.metadata.get("help", "")))
+    return rows

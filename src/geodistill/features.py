@@ -1,0 +1,91 @@
+"""From hidden states to sample matrices: layer maps, pooling and masks.
+
+``hidden_states`` follow the Hugging Face convention: a tuple of ``L + 1`` tensors of shape
+``(batch, length, width)``, index 0 the embedding output and index ``i`` the output of layer
+``i``. A feature tap pairs one student index with one teacher index and says which vectors are
+the samples (``pooling``). Padding never counts: every pooling takes a boolean mask of valid
+positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["POOLINGS", "pool", "resolve_layer_pairs"]
+
+POOLINGS = ("cls", "mean", "tokens", "last")
+
+
+def resolve_layer_pairs(
+    spec: Any, n_student: int, n_teacher: int, *, where: str = "layers"
+) -> tuple[tuple[int, int], ...]:
+    """Turn a layer spec into ``((student_index, teacher_index), ...)``.
+
+    ``'last'``: the last layers of both. ``'uniform'``: every student layer ``i`` (1..L_s) with
+    teacher layer ``round(i * L_t / L_s)`` (the PKD/DistilBERT "skip" map, ending at the last).
+    A list of ``[s, t]`` pairs: explicit hidden-state indices in ``0..L`` (0 = embeddings;
+    negative indices count from the end). Raises ``ValueError`` naming ``where`` and the bad index.
+    """
+    if spec is None or spec == "last":
+        return ((n_student, n_teacher),)
+    if spec == "uniform":
+        return tuple((i, round(i * n_teacher / n_student)) for i in range(1, n_student + 1))
+    if isinstance(spec, str) or not isinstance(spec, Sequence):
+        raise ValueError(
+            f"{where}: expected 'last', 'uniform' or a list of [student, teacher] pairs, got {spec!r}"
+        )
+    pairs = []
+    for k, pair in enumerate(spec):
+        if not (isinstance(pair, Sequence) and len(pair) == 2 and all(isinstance(i, int) for i in pair)):
+            raise ValueError(
+                f"{where}[{k}]: expected a [student_layer, teacher_layer] pair of integers, got {pair!r}"
+            )
+        s, t = (
+            _check_index(i, n, f"{where}[{k}]", who)
+            for i, n, who in zip(pair, (n_student, n_teacher), ("student", "teacher"), strict=False)
+        )
+        pairs.append((s, t))
+    if not pairs:
+        raise ValueError(f"{where}: empty list of layer pairs")
+    return tuple(pairs)
+
+
+def _check_index(i: int, n_layers: int, where: str, who: str) -> int:
+    if not -(n_layers + 1) <= i <= n_layers:
+        raise ValueError(
+            f"{where}: {who} layer {i} is out of range: the {who} has {n_layers} layers, "
+            f"valid hidden-state indices are 0..{n_layers} (0 = embeddings) or -{n_layers + 1}..-1"
+        )
+    return i % (n_layers + 1)
+
+
+def pool(hidden: Tensor, mask: Tensor, pooling: str) -> Tensor:
+    """Sample matrix from one layer's hidden states.
+
+    ``hidden`` (B, T, d), ``mask`` (B, T) bool (True = a valid position). Returns:
+    ``cls`` (B, d): position 0; ``mean`` (B, d): mean over valid positions; ``last`` (B, d): the
+    last valid position (right or left padding); ``tokens`` (N, d): every valid position of the
+    batch, N = mask.sum(), in row-major order (so student and teacher rows match when both use
+    the same tokenisation and mask).
+    """
+    if hidden.ndim != 3 or mask.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"pool: hidden must be (B, T, d) and mask (B, T), got {tuple(hidden.shape)} and {tuple(mask.shape)}"
+        )
+    mask = mask.bool()
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        w = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (hidden * w).sum(1) / w.sum(1).clamp_min(1)
+    if pooling == "last":
+        t = torch.arange(mask.shape[1], device=mask.device)
+        last = torch.where(mask, t, -1).amax(1).clamp_min(0)  # (B,) index of the last valid position
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if pooling == "tokens":
+        return hidden[mask]
+    raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")

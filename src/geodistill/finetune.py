@@ -1,0 +1,81 @@
+"""Fine-tune a teacher on a task once and cache it, so every distillation run reuses it.
+
+The cache key is everything that determines the fine-tuned weights: the teacher, the data
+(name, split, subsampling, truncation) and ``teacher_train``. The run is an ordinary geodistill
+run (labels only) whose output directory lives in the user cache; a file lock keeps parallel
+sweep workers from fine-tuning the same teacher twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from geodistill.config import DistillConfig, LossConfig, StudentConfig, config_hash
+
+__all__ = ["finetune_config", "finetuned_teacher"]
+
+
+def finetune_config(cfg: DistillConfig, output_dir: str | Path | None = None) -> DistillConfig:
+    """The labels-only run that fine-tunes ``cfg.teacher`` on ``cfg.data`` with ``cfg.teacher_train``."""
+    key = {
+        "teacher": cfg.teacher.name,
+        "task": cfg.task,
+        "data": cfg.data,
+        "teacher_train": cfg.teacher_train,
+    }
+    if output_dir is None:
+        from geodistill.assets import cache_dir
+
+        output_dir = (
+            cache_dir()
+            / "teachers"
+            / f"{_slug(cfg.teacher.name)}-{cfg.data.name.replace('/', '_')}-{config_hash(key)}"
+        )
+    return replace(
+        cfg,
+        teacher=replace(cfg.teacher, finetune=False),
+        student=StudentConfig(init="pretrained", name=cfg.teacher.name),
+        losses=(LossConfig(name="ce"),),
+        train=cfg.teacher_train,
+        output_dir=str(output_dir),
+        overwrite=False,
+    )
+
+
+def _slug(name: str) -> str:
+    return Path(name).name.replace("/", "_") or "model"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Any:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        try:
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except ImportError:  # Windows: no advisory locks; parallel workers may duplicate work
+            pass
+        yield
+
+
+def finetuned_teacher(cfg: DistillConfig, *, progress: bool = True) -> Path:
+    """Directory of the fine-tuned teacher for ``cfg`` (trained now if not cached)."""
+    from geodistill.train import setup, train
+
+    ft = finetune_config(cfg)
+    out = Path(ft.output_dir)
+    done = out / "results.json"
+    with _locked(out.with_suffix(".lock")):
+        if not done.exists():
+            if progress:
+                print(f"fine-tuning teacher {cfg.teacher.name} on {cfg.data.name} (cached in {out})")
+            train(setup(ft, kind="finetune", progress=progress), progress=progress)
+    return out / "best"
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,258 @@
+"""Task adapters: how a task's batches are built, run through a model, scored and evaluated.
+
+The training loop is task-agnostic; it sees :class:`Outputs` only. A classification task scores one
+row of logits per example; an instruction task scores the answer tokens (see
+:mod:`geodistill.instruct`). Features are pooled here, from the hidden states, with padding
+masked out, so nothing below :mod:`geodistill.losses` knows about models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from geodistill.evaluate import classification_metrics
+from geodistill.features import pool
+
+__all__ = ["ClassificationTask", "Outputs", "Tap", "TeacherCache"]
+
+Tap = tuple[int, str]  # (hidden-state index, pooling)
+
+
+@dataclass
+class Outputs:
+    """What the losses need from one forward pass.
+
+    ``logits`` (n, C) rows to score with ``targets`` (n,) (``-100`` = ignore); ``features`` maps a
+    tap to its sample matrix; ``count`` is the number of units the per-example losses average over
+    (examples, or answer tokens), used to weight micro-batches exactly.
+    """
+
+    logits: Tensor | None
+    targets: Tensor | None
+    features: dict[Tap, Tensor] = field(default_factory=dict)
+    count: int = 0
+
+
+def _model_inputs(batch: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    return {k: batch[prefix + k] for k in keys if prefix + k in batch}
+
+
+class ClassificationTask:
+    """Sequence classification: one example -> one row of logits; features pooled per example
+    (``cls``, ``mean``, ``last``) or per valid token (``tokens``)."""
+
+    kind = "classification"
+
+    def __init__(
+        self, data: Any, student_tokenizer: Any, teacher_tokenizer: Any | None, max_length: int
+    ) -> None:
+        self.data = data
+        self.tokenizer = student_tokenizer
+        self.teacher_tokenizer = teacher_tokenizer
+        self.max_length = max_length
+        # a teacher with another vocabulary gets its own input ids ("t_" columns)
+        self.separate_teacher_inputs = teacher_tokenizer is not None and (
+            teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab()
+        )
+        self._tokenized: dict[str, Any] = {}
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.data.label_names)
+
+    def dataset(self, split: str) -> Any:
+        """Tokenised split with columns input_ids, attention_mask[, token_type_ids], labels, idx."""
+        if split not in self._tokenized:
+            ds = self.data.splits[split]
+            ds = ds.add_column("idx", list(range(len(ds))))
+
+            def encode(batch: dict[str, list]) -> dict[str, list]:
+                texts = (batch["text"], batch["text_pair"]) if self.data.is_pair else (batch["text"],)
+                out = dict(self.tokenizer(*texts, truncation=True, max_length=self.max_length))
+                if self.separate_teacher_inputs:
+                    t = self.teacher_tokenizer(*texts, truncation=True, max_length=self.max_length)
+                    out.update({f"t_{k}": v for k, v in t.items()})
+                out["labels"] = batch["label"]
+                return out
+
+            keep = {"idx"}
+            ds = ds.map(encode, batched=True, remove_columns=[c for c in ds.column_names if c not in keep])
+            ds.set_format("python")
+            self._tokenized[split] = ds
+        return self._tokenized[split]
+
+    def count(self, batch: dict[str, Tensor]) -> int:
+        """Units the per-example losses average over: examples."""
+        return int(batch["labels"].shape[0])
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
+        """Pad a list of tokenised rows into tensors (right padding)."""
+        out: dict[str, Tensor] = {
+            "labels": torch.tensor([r["labels"] for r in rows]),
+            "idx": torch.tensor([r["idx"] for r in rows]),
+        }
+        prefixes = ("", "t_") if self.separate_teacher_inputs else ("",)
+        for prefix in prefixes:
+            tok = self.teacher_tokenizer if prefix else self.tokenizer
+            pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+            length = max(len(r[prefix + "input_ids"]) for r in rows)
+            for key in ("input_ids", "attention_mask", "token_type_ids"):
+                if prefix + key not in rows[0]:
+                    continue
+                fill = pad_id if key == "input_ids" else 0
+                padded = [r[prefix + key] + [fill] * (length - len(r[prefix + key])) for r in rows]
+                out[prefix + key] = torch.tensor(padded)
+        return out
+
+    def forward(
+        self, model: nn.Module, batch: dict[str, Tensor], taps: Iterable[Tap], *, teacher: bool = False
+    ) -> Outputs:
+        """Run ``model`` on ``batch`` and pool the requested taps."""
+        taps = list(taps)
+        prefix = "t_" if teacher and self.separate_teacher_inputs else ""
+        inputs = _model_inputs(batch, prefix)
+        out = model(**inputs, output_hidden_states=bool(taps))
+        mask = inputs["attention_mask"].bool()
+        feats = {(layer, p): pool(out.hidden_states[layer], mask, p) for layer, p in taps}
+        return Outputs(
+            logits=out.logits, targets=batch["labels"], features=feats, count=int(batch["labels"].numel())
+        )
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: nn.Module,
+        split: str,
+        *,
+        batch_size: int,
+        device: torch.device,
+        metrics: Iterable[str] | None = None,
+    ) -> dict[str, float]:
+        """Metrics of ``model`` on ``split`` (the task's metrics by default)."""
+        was_training = model.training
+        model.eval()
+        preds, labels = [], []
+        loader = DataLoader(
+            self.dataset(split), batch_size=batch_size, shuffle=False, collate_fn=self.collate
+        )
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(**_model_inputs(batch)).logits
+            preds.append(logits.argmax(-1).cpu())
+            labels.append(batch["labels"].cpu())
+        model.train(was_training)
+        return classification_metrics(
+            torch.cat(preds).numpy(), torch.cat(labels).numpy(), tuple(metrics or self.data.metrics)
+        )
+
+    def cache_key(self) -> dict[str, Any]:
+        """What determines the tokenised training inputs (for the teacher-output cache key)."""
+        return {
+            "data": self.data.name,
+            "description": self.data.description,
+            "n_train": len(self.data.splits["train"]),
+            "max_length": self.max_length,
+            "tokenizer": type(self.tokenizer).__name__,
+            "vocab": len(self.teacher_tokenizer or self.tokenizer),
+        }
+
+
+class TeacherCache:
+    """Teacher logits and tapped features of every training example, computed once.
+
+    Exact: the teacher is frozen, in eval mode and deterministic, so its outputs for an example do
+    not depend on when they are computed (padding is masked; values agree with a live forward to
+    float rounding). Per-example taps (``cls``/``mean``/``last``) are stored as (N, d) float32;
+    ``tokens`` taps as one (total tokens, d) float32 block with offsets, so a batch's rows come out
+    in the same row-major order as the student's ``hidden[mask]``. Stored on disk under the user
+    cache, keyed by teacher, data and taps, so runs of a sweep share it.
+    """
+
+    def __init__(self, logits: Tensor, features: dict[Tap, Tensor], offsets: Tensor | None) -> None:
+        self.logits = logits
+        self.features = features
+        self.offsets = offsets  # (N + 1,) token offsets for "tokens" taps
+
+    @classmethod
+    def build(
+        cls,
+        task: ClassificationTask,
+        teacher: nn.Module,
+        taps: list[Tap],
+        *,
+        batch_size: int,
+        device: torch.device,
+        path: Path | None = None,
+        progress: bool = True,
+    ) -> TeacherCache:
+        if path is not None and path.exists():
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            feats = {(int(k.split(":")[0]), k.split(":")[1]): v for k, v in blob["features"].items()}
+            return cls(blob["logits"], feats, blob.get("offsets"))
+        ds = task.dataset("train")
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=task.collate)
+        logits, feats, lengths = [], {t: [] for t in taps}, []
+        teacher.eval()
+        iterator = loader
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(loader, desc="teacher outputs (cached once)", leave=False)
+        with torch.no_grad():
+            for batch in iterator:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = task.forward(teacher, batch, taps, teacher=True)
+                logits.append(out.logits.float().cpu())
+                for t in taps:
+                    feats[t].append(out.features[t].float().cpu())
+                mask_key = "t_attention_mask" if task.separate_teacher_inputs else "attention_mask"
+                lengths.append(batch[mask_key].sum(1).cpu())
+        lens = torch.cat(lengths)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+        cache = cls(torch.cat(logits), {t: torch.cat(v) for t, v in feats.items()}, offsets)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(
+                {
+                    "logits": cache.logits,
+                    "features": {f"{k[0]}:{k[1]}": v for k, v in cache.features.items()},
+                    "offsets": offsets,
+                },
+                tmp,
+            )
+            tmp.replace(path)
+        return cache
+
+    def lookup(self, batch: dict[str, Tensor], taps: Iterable[Tap], device: torch.device) -> Outputs:
+        """The cached teacher :class:`Outputs` for the examples ``batch['idx']``."""
+        idx = batch["idx"].cpu()
+        feats = {}
+        for t in taps:
+            if t[1] == "tokens":
+                assert self.offsets is not None
+                rows = torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in idx.tolist()])
+                feats[t] = self.features[t][rows].to(device)
+            else:
+                feats[t] = self.features[t][idx].to(device)
+        return Outputs(
+            logits=self.logits[idx].to(device), targets=batch["labels"], features=feats, count=len(idx)
+        )
+
+
+def cache_file(kind: str, parts: dict[str, Any]) -> Path:
+    """A file in the user cache named by a hash of ``parts``."""
+    from geodistill.assets import cache_dir
+
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_dir() / kind / f"{digest}.pt"

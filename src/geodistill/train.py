@@ -1,0 +1,836 @@
+"""One explicit training loop on Accelerate, read top to bottom.
+
+    config -> data and models -> features -> losses -> this loop -> results
+
+The teacher is frozen (eval mode, no grad; its outputs cached once per example when possible).
+Each optimiser step takes ``grad_accum`` micro-batches. Per-example terms (CE, KD, PKD,
+projection MSE) are averaged over the whole step's examples (or answer tokens); batch-coupled
+geometry terms (CKA, Procrustes, Gram) are evaluated once on the whole step's samples, with the
+gradient fed back to each micro-batch (a first pass without grad collects the features, the
+second pass back-propagates their exact gradient: the "gradient cache" technique), so
+``batch 8 x accumulation 1`` and ``batch 2 x accumulation 4`` take the same step.
+
+Runs resume exactly (model, projectors, optimiser, scheduler, RNG states, position in the data)
+from ``<output_dir>/checkpoint``; every loss term is logged on its own to ``log.jsonl``; a non-
+finite loss or gradient stops the run with the last good checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler
+
+from geodistill import __version__
+from geodistill.config import ConfigError, DistillConfig, TrainConfig, config_hash, to_dict
+from geodistill.features import resolve_layer_pairs
+from geodistill.losses import LossTerm, resolve_losses
+from geodistill.tasks import Outputs, Tap
+
+__all__ = ["Run", "Student", "TrainingDiverged", "setup", "train"]
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss term or the gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+# ------------------------------------------------------------------------------------------
+# the trainable module: student + training-only projection heads
+
+
+class Student(nn.Module):
+    """The student model plus the projection heads that some losses train with it.
+
+    ``forward(batch)`` returns the student's :class:`Outputs` with the tapped features, and
+    ``projected`` features for terms with a learned map (student width -> teacher width). All
+    trainable parameters are used inside ``forward``, as DDP requires. Only ``model`` is saved as
+    the distilled student.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Any,
+        terms: tuple[LossTerm, ...],
+        pairs: dict[str, tuple[tuple[int, int], ...]],
+        student_width: int,
+        teacher_width: int,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.projectors = nn.ModuleDict()
+        self.projector_taps: dict[str, Tap] = {}  # projector name -> the student tap it maps
+        with torch.random.fork_rng(devices=[]):  # heads must not shift the dropout stream: paired runs
+            torch.manual_seed(seed + 7919)
+            for term in terms:
+                if term.spec.projector:
+                    for s, t in pairs[term.key]:
+                        name = projector_name(term.key, s, t)
+                        self.projectors[name] = nn.Linear(student_width, teacher_width)
+                        self.projector_taps[name] = (s, term.options["pooling"])
+        self.taps: list[Tap] = sorted(
+            {(s, term.options["pooling"]) for term in terms if term.key in pairs for s, _ in pairs[term.key]}
+        )
+
+    def forward(self, batch: dict[str, Tensor]) -> Outputs:
+        out = self.task.forward(self.model, batch, self.taps)
+        out.projected = {
+            name: head(out.features[self.projector_taps[name]]) for name, head in self.projectors.items()
+        }
+        return out
+
+
+def projector_name(key: str, s: int, t: int) -> str:
+    # ModuleDict keys may not contain "."; loss keys may ("procrustes.1")
+    return f"{key.replace('.', '_')}__{s}__{t}"
+
+
+# ------------------------------------------------------------------------------------------
+# the objective: a weighted sum of named terms
+
+
+@dataclass
+class Objective:
+    """Evaluates the named terms on student/teacher :class:`Outputs`; pure (no parameters)."""
+
+    terms: tuple[LossTerm, ...]
+    pairs: dict[str, tuple[tuple[int, int], ...]]
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(t.spec.inputs != "labels" for t in self.terms)
+
+    @property
+    def coupled(self) -> tuple[LossTerm, ...]:
+        return tuple(t for t in self.terms if t.spec.coupled)
+
+    def teacher_taps(self) -> list[Tap]:
+        return sorted(
+            {
+                (t, term.options["pooling"])
+                for term in self.terms
+                if term.key in self.pairs
+                for _, t in self.pairs[term.key]
+            }
+        )
+
+    def coupled_student_taps(self) -> list[Tap]:
+        return sorted(
+            {(s, term.options["pooling"]) for term in self.coupled for s, _ in self.pairs[term.key]}
+        )
+
+    def per_example(self, s: Outputs, t: Outputs | None) -> dict[str, Tensor]:
+        """Unweighted values of the decomposable terms, each a mean over ``s.count`` units."""
+        values = {}
+        for term in self.terms:
+            if term.spec.coupled:
+                continue
+            if term.name == "ce":
+                values[term.key] = term(s.logits, s.targets)
+            elif term.name == "kd":
+                values[term.key] = term(s.logits, t.logits)
+            else:  # pkd, proj_mse: learned head from student to teacher width, per layer pair
+                pooling = term.options["pooling"]
+                vals = [
+                    term(s.projected[projector_name(term.key, a, b)], t.features[(b, pooling)])
+                    for a, b in self.pairs[term.key]
+                ]
+                values[term.key] = torch.stack(vals).mean()
+        return values
+
+    def batch_coupled(self, s_feats: dict[Tap, Tensor], t_feats: dict[Tap, Tensor]) -> dict[str, Tensor]:
+        """Unweighted values of the geometry terms on whole-step sample matrices (mean over pairs)."""
+        values = {}
+        for term in self.coupled:
+            pooling = term.options["pooling"]
+            vals = [term(s_feats[(a, pooling)], t_feats[(b, pooling)]) for a, b in self.pairs[term.key]]
+            values[term.key] = torch.stack([v.float() for v in vals]).mean()
+        return values
+
+    def total(self, values: dict[str, Tensor]) -> Tensor:
+        return sum(term.weight * values[term.key] for term in self.terms if term.key in values)  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------
+# data order
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of ``range(n)`` that depends only on ``(seed, epoch)``.
+
+    Data order is a pure function of the seed, so methods trained with the same seed see the same
+    examples in the same order (paired comparisons), and a resumed run finds its place by skipping.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+# ------------------------------------------------------------------------------------------
+# a prepared run
+
+
+@dataclass
+class Run:
+    """Everything a training run needs, built and validated by :func:`setup` before any step."""
+
+    cfg: DistillConfig
+    train_cfg: TrainConfig
+    output_dir: Path
+    task: Any
+    student: Student
+    teacher: nn.Module | None
+    objective: Objective
+    tokenizer: Any
+    teacher_cache: Any = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _git_revision() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _check_output_dir(out: Path, cfg: DistillConfig, kind: str) -> None:
+    """Refuse a directory that holds another run's files (unless overwrite)."""
+    run_file = out / "run.json"
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if run_file.exists():
+        try:
+            prior = json.loads(run_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            prior = {}
+        if prior.get("config_hash") == config_hash(cfg) and prior.get("kind") == kind:
+            return  # the same run: resume it
+        if cfg.overwrite:
+            shutil.rmtree(out)
+            return
+        raise ConfigError(
+            f"output_dir {out} holds another run (config hash {prior.get('config_hash')}, this one "
+            f"{config_hash(cfg)}); choose another output_dir or --set overwrite=true"
+        )
+    if cfg.overwrite:
+        shutil.rmtree(out)
+        return
+    raise ConfigError(
+        f"output_dir {out} is not empty and holds no geodistill run; choose another output_dir or --set overwrite=true"
+    )
+
+
+def run_metadata(cfg: Any, kind: str) -> dict[str, Any]:
+    """Resolved config, its hash, package version and git revision: saved with every run."""
+    return {
+        "kind": kind,
+        "config_hash": config_hash(cfg),
+        "config": to_dict(cfg),
+        "version": __version__,
+        "git_revision": _git_revision(),
+        "torch": torch.__version__,
+    }
+
+
+def quiet_libraries() -> None:
+    """Silence per-call progress bars of datasets/transformers (weight loading, map): geodistill
+    shows its own bars for the long work."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(
+    cfg: DistillConfig,
+    *,
+    kind: str = "distill",
+    teacher_override: nn.Module | None = None,
+    progress: bool = True,
+) -> Run:
+    """Build and validate a run: every config error surfaces here, before the first step."""
+    from geodistill import models
+    from geodistill.data import load_classification
+    from geodistill.tasks import ClassificationTask, TeacherCache, cache_file
+
+    quiet_libraries()
+    out = Path(cfg.output_dir)
+    _check_output_dir(out, cfg, kind)
+    terms = resolve_losses(cfg.losses)
+    if cfg.task != "classification":
+        from geodistill.instruct import setup_instruction
+
+        return setup_instruction(cfg, terms, kind=kind, progress=progress)
+    tcfg = cfg.train
+    data = load_classification(
+        cfg.data.name,
+        split_seed=cfg.data.split_seed,
+        max_train=cfg.data.max_train,
+        max_eval=cfg.data.max_eval,
+        text_column=cfg.data.text_column,
+        text_pair_column=cfg.data.text_pair_column,
+        label_column=cfg.data.label_column,
+    )
+    num_labels = len(data.label_names)
+    objective_needs_teacher = any(t.spec.inputs != "labels" for t in terms)
+
+    # teacher: fine-tuned on the task once (cached) when asked, frozen
+    teacher_name = cfg.teacher.name
+    teacher = teacher_override
+    if teacher is None and objective_needs_teacher:
+        if cfg.teacher.finetune:
+            from geodistill.finetune import finetuned_teacher
+
+            teacher_name = str(finetuned_teacher(cfg, progress=progress))
+        teacher = models.load_classifier(
+            teacher_name, num_labels=num_labels, label_names=list(data.label_names)
+        )
+    teacher_tok = models.load_tokenizer(cfg.teacher.name)
+
+    # student: seeded init, sharing the teacher's tokenizer unless pretrained
+    seed_everything(tcfg.seed)
+    s = cfg.student
+    if s.init == "pretrained":
+        if not s.name:
+            raise ConfigError("student.name: required when student.init is 'pretrained'")
+        student_model = models.load_classifier(
+            s.name, num_labels=num_labels, label_names=list(data.label_names)
+        )
+        tokenizer = models.load_tokenizer(s.name)
+    elif s.init == "layer_subset":
+        if not s.layers:
+            raise ConfigError("student.layers: required when student.init is 'layer_subset' (e.g. [0, 2, 4])")
+        base = models.load_classifier(
+            cfg.teacher.name, num_labels=num_labels, label_names=list(data.label_names)
+        )
+        try:
+            student_model = models.layer_subset_student(base, list(s.layers))
+        except ValueError as e:
+            raise ConfigError(f"student.layers: {e}") from e
+        tokenizer = teacher_tok
+    else:
+        teacher_config = (
+            teacher
+            if teacher is not None
+            else models.load_classifier(
+                cfg.teacher.name, num_labels=num_labels, label_names=list(data.label_names)
+            )
+        ).config
+        try:
+            student_model = models.narrow_student(
+                teacher_config,
+                num_layers=s.num_layers,
+                hidden_size=s.hidden_size,
+                num_heads=s.num_heads,
+                intermediate_size=s.intermediate_size,
+                task="classification",
+                num_labels=num_labels,
+                architecture=s.architecture,
+            )
+        except ValueError as e:
+            raise ConfigError(f"student: {e}") from e
+        tokenizer = teacher_tok
+    task = ClassificationTask(
+        data, tokenizer, teacher_tok if teacher is not None else None, cfg.data.max_length
+    )
+
+    # feature taps: layer pairs checked against both models
+    pairs: dict[str, tuple[tuple[int, int], ...]] = {}
+    for i, term in enumerate(terms):
+        if term.spec.inputs != "features":
+            continue
+        if teacher is None:
+            raise ConfigError(f"losses[{i}] ({term.name}) needs a teacher")
+        try:
+            pairs[term.key] = resolve_layer_pairs(
+                term.options["layers"],
+                models.num_layers(student_model),
+                models.num_layers(teacher),
+                where=f"losses[{i}].layers",
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        if term.options["pooling"] == "tokens" and task.separate_teacher_inputs:
+            raise ConfigError(f"losses[{i}].pooling: 'tokens' needs student and teacher to share a tokenizer")
+    if teacher is not None:
+        for i, term in enumerate(terms):
+            if term.name == "kd" and teacher.config.num_labels != student_model.config.num_labels:
+                raise ConfigError(
+                    f"losses[{i}] (kd): teacher has {teacher.config.num_labels} labels, student {student_model.config.num_labels}"
+                )
+        teacher.eval().requires_grad_(False)
+
+    objective = Objective(terms, pairs)
+    student = Student(
+        student_model,
+        task,
+        terms,
+        pairs,
+        models.hidden_size(student_model),
+        models.hidden_size(teacher) if teacher is not None else models.hidden_size(student_model),
+        tcfg.seed,
+    )
+
+    run = Run(cfg, tcfg, out, task, student, teacher, objective, tokenizer, metadata=run_metadata(cfg, kind))
+    if teacher is not None and tcfg.cache_teacher:
+        taps = objective.teacher_taps()
+        key = {"teacher": _model_fingerprint(teacher_name), "task": task.cache_key(), "taps": taps}
+        run.teacher_cache = TeacherCache.build(
+            task,
+            teacher,
+            taps,
+            batch_size=tcfg.eval_batch_size,
+            device=torch.device("cpu") if tcfg.device is None else torch.device(tcfg.device),
+            path=cache_file("teacher_outputs", key),
+            progress=progress,
+        )
+    return run
+
+
+def _model_fingerprint(name: str) -> str:
+    """Offline/hub names as they are; local directories by path and weight-file stamps."""
+    p = Path(name)
+    if not p.is_dir():
+        return name
+    stamps = sorted(
+        (f.name, f.stat().st_size, int(f.stat().st_mtime))
+        for f in p.iterdir()
+        if f.suffix in (".safetensors", ".bin", ".json")
+    )
+    return f"{p.resolve()}:{stamps}"
+
+
+# ------------------------------------------------------------------------------------------
+# the loop
+
+
+def _optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for _, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)  # biases and norm scales are not decayed
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = round(cfg.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if (not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()) else "no"
+    return Accelerator(cpu=cpu, mixed_precision=mp)
+
+
+def train(
+    run: Run, callbacks: list[Callable[[str, dict[str, Any]], None]] | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Train ``run.student`` and return the results (also written to ``results.json``)."""
+    cfg, out = run.train_cfg, run.output_dir
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    acc = _accelerator(cfg)
+    device = acc.device
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps(run.metadata, indent=2, default=str))
+    if (out / "results.json").exists():
+        return json.loads((out / "results.json").read_text())
+
+    train_set = run.task.dataset("train")
+    sampler = EpochSampler(len(train_set), cfg.seed)
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        collate_fn=run.task.collate,
+        num_workers=cfg.num_workers,
+    )
+    micro_per_epoch = len(loader)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    eval_every = cfg.eval_every or steps_per_epoch
+    save_every = cfg.save_every or eval_every
+
+    student = run.student.to(device)
+    optimizer = _optimizer(student, cfg)
+    scheduler = _schedule(optimizer, cfg, total_steps)
+    student, optimizer = acc.prepare(student, optimizer)
+    raw = acc.unwrap_model(student)
+    teacher = run.teacher.to(device) if run.teacher is not None and run.teacher_cache is None else run.teacher
+    objective = run.objective
+
+    # resume
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "best": None,
+        "best_step": None,
+        "train_seconds": 0.0,
+        "timed_steps": 0,
+    }
+    ckpt = out / "checkpoint" / "state.pt"
+    if ckpt.exists():
+        blob = torch.load(ckpt, map_location="cpu", weights_only=False)
+        raw.load_state_dict(blob["student"])
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        state = blob["progress"]
+        _set_rng_state(blob["rng"])
+        _truncate_log(out / "log.jsonl", state["step"])
+    else:
+        seed_everything(cfg.seed + 1)  # the dropout stream: the same for every method with this seed
+        (out / "log.jsonl").unlink(missing_ok=True)
+
+    def teacher_outputs(batch: dict[str, Tensor]) -> Outputs | None:
+        if not objective.needs_teacher:
+            return None
+        taps = objective.teacher_taps()
+        if run.teacher_cache is not None:
+            return run.teacher_cache.lookup(batch, taps, device)
+        with torch.no_grad():
+            return run.task.forward(teacher, batch, taps, teacher=True)
+
+    bar = None
+    if progress and acc.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=state["step"], desc=f"{out.name}", dynamic_ncols=True)
+
+    log_terms: dict[str, list[float]] = {}
+    student.train()
+    while state["step"] < total_steps:
+        sampler.set_epoch(state["epoch"])
+        it = iter(loader)
+        for _ in range(state["batch_in_epoch"]):  # resume: skip what this epoch already consumed
+            next(it)
+        while state["step"] < total_steps:
+            group = []
+            for mb in it:
+                group.append(_to(mb, device))
+                state["batch_in_epoch"] += 1
+                if len(group) == cfg.grad_accum:
+                    break
+            if not group:
+                break
+            t0 = time.perf_counter()
+            values, grad_norm = _step(
+                acc, student, objective, group, teacher_outputs, optimizer, cfg, run.task
+            )
+            scheduler.step()
+            elapsed = time.perf_counter() - t0
+            state["step"] += 1
+            if state["step"] > 1:  # the first step pays one-off costs (allocation, warm-up)
+                state["train_seconds"] += elapsed
+                state["timed_steps"] += 1
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            if bad or not math.isfinite(grad_norm):
+                what = f"loss term {bad[0]!r} is {values[bad[0]]}" if bad else f"gradient norm is {grad_norm}"
+                last = (
+                    f"the last good checkpoint is {ckpt} (step {torch.load(ckpt, weights_only=False)['progress']['step']})"
+                    if ckpt.exists()
+                    else "no checkpoint was written yet"
+                )
+                raise TrainingDiverged(f"step {state['step']}: {what}; training stopped, {last}")
+            for k, v in values.items():
+                log_terms.setdefault(k, []).append(v)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
+            if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+                _log(
+                    out,
+                    {
+                        "step": state["step"],
+                        "epoch": state["epoch"],
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        "seconds_per_step": elapsed,
+                        **{f"loss/{k}": float(np.mean(v)) for k, v in log_terms.items()},
+                    },
+                )
+                log_terms = {}
+            epoch_end = state["batch_in_epoch"] >= micro_per_epoch
+            if (
+                state["step"] % eval_every == 0
+                or state["step"] == total_steps
+                or (cfg.eval_every is None and epoch_end)
+            ):
+                _evaluate_and_select(run, raw, state, acc, device)
+            if (
+                state["step"] % save_every == 0
+                or state["step"] == total_steps
+                or (cfg.save_every is None and epoch_end)
+            ) and acc.is_main_process:
+                _save_checkpoint(ckpt, raw, optimizer, scheduler, state)
+            for cb in callbacks or []:
+                cb("step_end", {"step": state["step"], "values": values})
+            if epoch_end:
+                break
+        if state["batch_in_epoch"] >= micro_per_epoch:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    if bar is not None:
+        bar.close()
+    return _finish(run, raw, state, acc, device)
+
+
+def _step(
+    acc,
+    student,
+    objective: Objective,
+    group: list[dict[str, Tensor]],
+    teacher_outputs,
+    optimizer,
+    cfg: TrainConfig,
+    task: Any,
+) -> tuple[dict[str, float], float]:
+    """One optimiser step over the micro-batches in ``group``; returns unweighted term values and
+    the gradient norm (before clipping)."""
+    t_outs = [teacher_outputs(mb) for mb in group]
+    taps = objective.coupled_student_taps()
+    counts = [task.count(mb) for mb in group]
+    total_count = sum(counts)
+    values: dict[str, float] = {}
+
+    # 1) With several micro-batches, the batch-coupled terms are evaluated once on the whole step's
+    #    samples: a pass without grad collects the features (under the same RNG state as pass 2, so
+    #    dropout masks match) and their exact gradient is fed back to each micro-batch in pass 2.
+    feature_grads: list[dict[Tap, Tensor]] | None = None
+    if objective.coupled and len(group) > 1:
+        rng = _rng_state()
+        with torch.no_grad(), acc.autocast():
+            feats = [{k: student(mb).features[k].detach().float() for k in taps} for mb in group]
+        _set_rng_state(rng)
+        leaves = {k: torch.cat([f[k] for f in feats]).requires_grad_(True) for k in taps}
+        t_feats = {k: torch.cat([t.features[k] for t in t_outs]) for k in objective.teacher_taps()}
+        coupled_vals = objective.batch_coupled(leaves, t_feats)
+        grads = torch.autograd.grad(objective.total(coupled_vals), list(leaves.values()))
+        feature_grads = [{} for _ in group]
+        for k, g in zip(leaves, grads, strict=False):
+            for i, part in enumerate(torch.split(g, [f[k].shape[0] for f in feats])):
+                feature_grads[i][k] = part
+        values.update({k: float(v) for k, v in coupled_vals.items()})
+
+    # 2) Forward with grad per micro-batch; per-example terms weighted by their share of the step.
+    for i, (mb, t_out) in enumerate(zip(group, t_outs, strict=False)):
+        with acc.no_sync(student) if i < len(group) - 1 else _nullcontext():
+            with acc.autocast():
+                s_out = student(mb)
+                per = objective.per_example(s_out, t_out)
+                loss = objective.total(per) * (counts[i] / total_count) if per else 0.0
+                if feature_grads is not None:
+                    # a surrogate whose gradient w.r.t. these features is the whole-step gradient
+                    loss = loss + sum((s_out.features[k].float() * feature_grads[i][k]).sum() for k in taps)
+                elif objective.coupled:
+                    coupled_vals = objective.batch_coupled(
+                        {k: s_out.features[k] for k in taps}, t_out.features
+                    )
+                    loss = loss + objective.total(coupled_vals)
+                    values.update({k: float(v) for k, v in coupled_vals.items()})
+            acc.backward(loss)
+        for k, v in per.items():
+            values[k] = values.get(k, 0.0) + float(v) * counts[i] / total_count
+    grad_norm = _clip(acc, student, cfg.max_grad_norm)
+    if math.isfinite(grad_norm) and all(math.isfinite(v) for v in values.values()):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return values, grad_norm
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _clip(acc, module: nn.Module, max_norm: float | None) -> float:
+    params = [p for p in module.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm is None:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+    return float(acc.clip_grad_norm_(params, max_norm))
+
+
+def _evaluate_and_select(run: Run, raw: Student, state: dict[str, Any], acc, device: torch.device) -> None:
+    cfg = run.train_cfg
+    metric = cfg.select_metric or run.task.data.metric
+    dev = run.task.evaluate(raw.model, "dev", batch_size=cfg.eval_batch_size, device=device)
+    if metric not in dev:
+        raise ConfigError(f"train.select_metric: {metric!r} is not among the dev metrics {sorted(dev)}")
+    _log(
+        run.output_dir,
+        {"step": state["step"], "epoch": state["epoch"], **{f"dev/{k}": v for k, v in dev.items()}},
+    )
+    if state["best"] is None or dev[metric] > state["best"]:
+        state["best"], state["best_step"] = dev[metric], state["step"]
+        if acc.is_main_process:
+            _save_student(raw.model, run.tokenizer, run.output_dir / "best", run.metadata)
+
+
+def _save_student(model: nn.Module, tokenizer: Any, path: Path, metadata: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "geodistill_run.json").write_text(json.dumps(metadata, indent=2, default=str))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.replace(path)
+
+
+def _save_checkpoint(path: Path, raw: Student, optimizer, scheduler, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "student": raw.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "progress": dict(state),
+            "rng": _rng_state(),
+        },
+        tmp,
+    )
+    tmp.replace(path)
+
+
+def _log(out: Path, row: dict[str, Any]) -> None:
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    rows = [
+        line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
+    ]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    except ImportError:  # Windows
+        return float("nan")
+
+
+def _finish(run: Run, raw: Student, state: dict[str, Any], acc, device: torch.device) -> dict[str, Any]:
+    """Evaluate the best checkpoint on dev and test; write results.json and the final student."""
+    best_dir = run.output_dir / "best"
+    best = type(raw.model).from_pretrained(best_dir).to(device)
+    cfg = run.train_cfg
+    dev = run.task.evaluate(best, "dev", batch_size=cfg.eval_batch_size, device=device)
+    test = run.task.evaluate(best, "test", batch_size=cfg.eval_batch_size, device=device)
+    results = {
+        **{k: v for k, v in run.metadata.items() if k != "config"},
+        "output_dir": str(run.output_dir),
+        "student_dir": str(best_dir),
+        "steps": state["step"],
+        "best_step": state["best_step"],
+        "dev": dev,
+        "test": test,
+        "metric": cfg.select_metric or run.task.data.metric,
+        "seconds_per_step": state["train_seconds"] / max(1, state["timed_steps"]),
+        "train_seconds": state["train_seconds"],
+        "peak_memory_mb": _peak_memory_mb(),
+        "student_parameters": sum(p.numel() for p in raw.model.parameters()),
+        "world_size": acc.num_processes,
+    }
+    if acc.is_main_process:
+        (run.output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None = None) -> dict[str, Any]:
+    """Set up and train one run from a config; returns its results."""
+    return train(setup(cfg, progress=progress), callbacks=callbacks, progress=progress)
+
+
+def with_output_dir(cfg: DistillConfig, output_dir: str | Path) -> DistillConfig:
+    return replace(cfg, output_dir=str(output_dir))
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked DataLoader workers + fast tokenizers
