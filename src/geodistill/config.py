@@ -70,6 +70,9 @@ class DataConfig:
         "local files: column holding the second text of pair tasks", default=None
     )
     label_column: str | None = _help("local files: column holding the label (default: label)", default=None)
+    label_names: tuple[str, ...] | None = _help(
+        "local files: the label set in id order (default: the training split's labels, sorted)", default=None
+    )
     max_new_tokens: int = _help("instruction tasks: tokens generated per answer at evaluation", default=64)
     max_prompt_length: int = _help(
         "instruction tasks: truncate prompts (from the left) to this many tokens", default=384
@@ -251,6 +254,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string: YAML 1.1's float syntax
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
@@ -359,7 +367,10 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
             raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a mapping")
     last = keys[-1]
     if isinstance(node, list):
-        node[_index(last, dotted, len(node))] = value
+        if last == str(len(node)):  # one past the end appends: losses.2={name: gram}
+            node.append(value)
+        else:
+            node[_index(last, dotted, len(node))] = value
     else:
         node[last] = value
 
@@ -371,7 +382,8 @@ def _index(key: str, dotted: str, n: int) -> int:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``key.sub=value`` strings (values parsed as YAML; list items by index: losses.1.weight=2)."""
+    """Apply ``key.sub=value`` strings (values parsed as YAML; list items by index, ``losses.1.weight=2``;
+    the index one past the end appends, ``losses.2={name: gram}``)."""
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:

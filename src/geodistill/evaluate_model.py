@@ -26,6 +26,7 @@ def _classification_task(
         text_column=cfg.data.text_column,
         text_pair_column=cfg.data.text_pair_column,
         label_column=cfg.data.label_column,
+        label_names=cfg.data.label_names,
     )
     return ClassificationTask(data, tokenizer, teacher_tokenizer, cfg.data.max_length)
 

@@ -37,17 +37,20 @@ __all__ = [
 ]
 
 
+def _up(t: Tensor) -> Tensor:
+    """At least float32: half precision is upcast, float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def ce_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     """Cross-entropy on labels, mean over non-ignored positions. ``logits`` (..., C), ``labels`` (...)."""
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index
-    )
+    return F.cross_entropy(_up(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)
 
 
 def _kl_rows(s: Tensor, t: Tensor, temperature: float, reverse: bool) -> Tensor:
     """Per-row KL between tempered distributions of float32 logit rows ``s``, ``t`` (N, V) -> (N,)."""
-    log_ps = F.log_softmax(s.float() / temperature, dim=-1)
-    log_pt = F.log_softmax(t.float() / temperature, dim=-1)
+    log_ps = F.log_softmax(_up(s) / temperature, dim=-1)
+    log_pt = F.log_softmax(_up(t).to(_up(s).dtype) / temperature, dim=-1)
     if reverse:  # KL(p_s || p_t)
         return (log_ps.exp() * (log_ps - log_pt)).sum(-1)
     return (log_pt.exp() * (log_pt - log_ps)).sum(-1)  # KL(p_t || p_s)
@@ -88,7 +91,7 @@ def kd_loss(
     if s.shape[0] == 0:
         return student_logits.new_zeros((), dtype=torch.float32)
     reverse = direction == "reverse"
-    total = s.new_zeros((), dtype=torch.float32)
+    total = s.new_zeros((), dtype=_up(s).dtype)
     for start in range(0, s.shape[0], chunk_rows):
         sc, tc = s[start : start + chunk_rows], t[start : start + chunk_rows]
         if sc.requires_grad and s.shape[0] > chunk_rows:
@@ -105,8 +108,8 @@ def pkd_loss(student: Tensor, teacher: Tensor) -> Tensor:
     ``student`` (n, d) (already projected to the teacher width when the widths differ) and
     ``teacher`` (n, d). Per-sample, so decomposable over micro-batches. Range ``[0, 4]``.
     """
-    s = F.normalize(student.float(), dim=-1, eps=1e-12)
-    t = F.normalize(teacher.float(), dim=-1, eps=1e-12)
+    s = F.normalize(_up(student), dim=-1, eps=1e-12)
+    t = F.normalize(_up(teacher), dim=-1, eps=1e-12).to(s.dtype)
     return (s - t).square().sum(-1).mean()
 
 
@@ -116,7 +119,7 @@ def proj_mse_loss(projected: Tensor, teacher: Tensor) -> Tensor:
     ``projected`` = the student features through the learned linear map (n, d_t); ``teacher``
     (n, d_t). The paper's Theorem 2: this can reach 0 while the geometry differs.
     """
-    return F.mse_loss(projected.float(), teacher.float())
+    return F.mse_loss(_up(projected), _up(teacher).to(_up(projected).dtype))
 
 
 def _procrustes(x: Tensor, y: Tensor, *, angular: bool = False) -> Tensor:

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Sampler
 from geodistill import __version__
 from geodistill.config import ConfigError, DistillConfig, TrainConfig, config_hash, to_dict
 from geodistill.features import resolve_layer_pairs
-from geodistill.losses import LossTerm, resolve_losses
+from geodistill.losses import LossTerm, _up, resolve_losses
 from geodistill.tasks import Outputs, Tap
 
 __all__ = ["Run", "Student", "TrainingDiverged", "setup", "train"]
@@ -159,7 +159,7 @@ class Objective:
         for term in self.coupled:
             pooling = term.options["pooling"]
             vals = [term(s_feats[(a, pooling)], t_feats[(b, pooling)]) for a, b in self.pairs[term.key]]
-            values[term.key] = torch.stack([v.float() for v in vals]).mean()
+            values[term.key] = torch.stack(vals).mean()
         return values
 
     def total(self, values: dict[str, Tensor]) -> Tensor:
@@ -308,6 +308,7 @@ def setup(
         text_column=cfg.data.text_column,
         text_pair_column=cfg.data.text_pair_column,
         label_column=cfg.data.label_column,
+        label_names=cfg.data.label_names,
     )
     num_labels = len(data.label_names)
     objective_needs_teacher = any(t.spec.inputs != "labels" for t in terms)
@@ -512,12 +513,15 @@ def train(
 
     train_set = run.task.dataset("train")
     sampler = EpochSampler(len(train_set), cfg.seed)
+    # its own generator: iter(DataLoader) otherwise draws a seed from the global RNG, which would
+    # shift the dropout stream of a resumed run
     loader = DataLoader(
         train_set,
         batch_size=cfg.batch_size,
         sampler=sampler,
         collate_fn=run.task.collate,
         num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     micro_per_epoch = len(loader)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
@@ -674,7 +678,7 @@ def _step(
     if objective.coupled and len(group) > 1:
         rng = _rng_state()
         with torch.no_grad(), acc.autocast():
-            feats = [{k: student(mb).features[k].detach().float() for k in taps} for mb in group]
+            feats = [{k: _up(student(mb).features[k].detach()) for k in taps} for mb in group]
         _set_rng_state(rng)
         leaves = {k: torch.cat([f[k] for f in feats]).requires_grad_(True) for k in taps}
         t_feats = {k: torch.cat([t.features[k] for t in t_outs]) for k in objective.teacher_taps()}
@@ -684,7 +688,7 @@ def _step(
         for k, g in zip(leaves, grads, strict=False):
             for i, part in enumerate(torch.split(g, [f[k].shape[0] for f in feats])):
                 feature_grads[i][k] = part
-        values.update({k: float(v) for k, v in coupled_vals.items()})
+        values.update({k: float(v.detach()) for k, v in coupled_vals.items()})
 
     # 2) Forward with grad per micro-batch; per-example terms weighted by their share of the step.
     for i, (mb, t_out) in enumerate(zip(group, t_outs, strict=False)):
@@ -695,16 +699,16 @@ def _step(
                 loss = objective.total(per) * (counts[i] / total_count) if per else 0.0
                 if feature_grads is not None:
                     # a surrogate whose gradient w.r.t. these features is the whole-step gradient
-                    loss = loss + sum((s_out.features[k].float() * feature_grads[i][k]).sum() for k in taps)
+                    loss = loss + sum((_up(s_out.features[k]) * feature_grads[i][k]).sum() for k in taps)
                 elif objective.coupled:
                     coupled_vals = objective.batch_coupled(
                         {k: s_out.features[k] for k in taps}, t_out.features
                     )
                     loss = loss + objective.total(coupled_vals)
-                    values.update({k: float(v) for k, v in coupled_vals.items()})
+                    values.update({k: float(v.detach()) for k, v in coupled_vals.items()})
             acc.backward(loss)
         for k, v in per.items():
-            values[k] = values.get(k, 0.0) + float(v) * counts[i] / total_count
+            values[k] = values.get(k, 0.0) + float(v.detach()) * counts[i] / total_count
     grad_norm = _clip(acc, student, cfg.max_grad_norm)
     if math.isfinite(grad_norm) and all(math.isfinite(v) for v in values.values()):
         optimizer.step()

@@ -197,22 +197,32 @@ def _encode_labels(
                 raise ValueError(f"{where(split, i)}: label {v!r} is not in label_names {names}")
         return {s: [int(v) for v in vs] for s, vs in raw.items()}, names
 
+    # Without declared names, the label set is the training split's: a dev/test label the model
+    # never saw in training is an error (naming file, row and label), not a silent new class.
     ints = [isinstance(v, int) for _, _, v in every]
+    if any(ints) and not all(ints):
+        split, i, v = next(e for e, is_int in zip(every, ints, strict=True) if is_int)
+        raise ValueError(
+            f"{where(split, i)}: label {v!r} is a number but other labels are names; pass label_names"
+        )
+    train_split = "train" if "train" in raw else next(iter(raw))
     if every and all(ints):
         for split, i, v in every:
             if v < 0:
                 raise ValueError(
                     f"{where(split, i)}: negative label {v} (unlabelled row, e.g. a hidden test label?)"
                 )
-        top = max(v for _, _, v in every)
-        return {s: [int(v) for v in vs] for s, vs in raw.items()}, [str(i) for i in range(top + 1)]
-    if any(ints):
-        split, i, v = next(e for e, is_int in zip(every, ints, strict=True) if is_int)
-        raise ValueError(
-            f"{where(split, i)}: label {v!r} is a number but other labels are names; pass label_names"
-        )
-    names = sorted({str(v) for _, _, v in every})
+        top = max(raw[train_split], default=-1)
+        names = [str(i) for i in range(int(top) + 1)]
+    else:
+        names = sorted({str(v) for v in raw[train_split]})
     index = {n: i for i, n in enumerate(names)}
+    for split, i, v in every:
+        if str(v) not in index:
+            raise ValueError(
+                f"{where(split, i)}: label {v!r} is outside the label set of the training split "
+                f"({', '.join(names)}); declare label_names to add it"
+            )
     return {s: [index[str(v)] for v in vs] for s, vs in raw.items()}, names
 
 

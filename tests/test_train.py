@@ -1,0 +1,299 @@
+"""Trainer invariants on tiny random models built from configs (no downloads).
+
+The teacher never changes, the student does, the loss falls when overfitting one batch,
+accumulation is exact (batch 8 x 1 == batch 2 x 4, geometry terms included), an interrupted
+and resumed run ends bit-identical to an uninterrupted one, and bad input stops before training
+with one line naming the field or file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_cfg
+from geodistill.config import ConfigError, DistillConfig, from_dict, load_config, to_dict
+from geodistill.train import TrainingDiverged, setup, train
+
+TEACHER = "teacher_dropout"  # dropout on: the RNG state must resume too
+
+
+def run(cfg: DistillConfig, **kw):
+    r = setup(cfg, progress=False)
+    results = train(r, progress=False, **kw)
+    return r, results
+
+
+def run64(cfg: DistillConfig):
+    """A run with student, heads and teacher (and its cached outputs) in float64."""
+    r = setup(cfg, progress=False)
+    r.student.double()
+    r.teacher.double()
+    if r.teacher_cache is not None:
+        r.teacher_cache.logits = r.teacher_cache.logits.double()
+        r.teacher_cache.features = {k: v.double() for k, v in r.teacher_cache.features.items()}
+    train(r, progress=False)
+    return r
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached-teacher", "live-teacher"])
+def test_teacher_frozen_student_trained(assets, tmp_path, cache: bool) -> None:
+    cfg = make_cfg(
+        assets,
+        tmp_path / "run",
+        f"train.cache_teacher={str(cache).lower()}",
+        "losses.2={name: proj_mse, layers: uniform}",
+    )
+    r = setup(cfg, progress=False)
+    teacher_before, student_before = weights(r.teacher), weights(r.student.model)
+    results = train(r, progress=False)
+    assert all(torch.equal(v, r.teacher.state_dict()[k]) for k, v in teacher_before.items())
+    assert not any(p.requires_grad for p in r.teacher.parameters())
+    changed = [k for k, v in weights(r.student.model).items() if not torch.equal(v, student_before[k])]
+    assert len(changed) > 0.9 * len(student_before)
+    assert results["steps"] == 6 and set(results["test"]) >= {"accuracy"}
+    # every term logged on its own
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {"loss/kd", "loss/procrustes", "loss/proj_mse"} <= set(rows[0])
+
+
+def test_cached_teacher_equals_live_teacher(assets, tmp_path) -> None:
+    cfg = make_cfg(assets, tmp_path / "a", "losses.1.pooling=tokens")
+    r = setup(cfg, progress=False)
+    batch = r.task.collate([r.task.dataset("train")[i] for i in (3, 1, 7)])
+    live = r.task.forward(r.teacher, batch, r.objective.teacher_taps(), teacher=True)
+    cached = r.teacher_cache.lookup(batch, r.objective.teacher_taps(), torch.device("cpu"))
+    assert torch.allclose(live.logits, cached.logits, atol=1e-5)
+    for k in live.features:
+        assert torch.allclose(live.features[k], cached.features[k], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [
+        "[{name: ce}]",
+        "[{name: kd, temperature: 1.0}, {name: procrustes, weight: 1.0, pooling: tokens}]",
+        "[{name: kd}, {name: gram, layers: uniform}, {name: cka}]",
+    ],
+    ids=["ce", "kd+procrustes", "kd+gram+cka"],
+)
+def test_loss_falls_when_overfitting_one_batch(assets, tmp_path, losses: str) -> None:
+    cfg = make_cfg(
+        assets,
+        tmp_path / "run",
+        f"losses={losses}",
+        "data.max_eval=8",
+        "train.max_steps=40",
+        "train.batch_size=40",
+        "train.lr=3e-3",
+        "train.max_grad_norm=null",
+        "train.schedule=constant",
+    )
+    run(cfg)
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+        if "loss/" in line
+    ]
+    keys = [k for k in rows[0] if k.startswith("loss/")]
+    for k in keys:
+        first, last = rows[0][k], rows[-1][k]
+        assert last < 0.5 * first, (k, first, last)
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [
+        "[{name: ce}, {name: kd, temperature: 2.0}]",
+        "[{name: kd, temperature: 2.0}, {name: procrustes, pooling: tokens}, {name: gram}, {name: cka, pooling: mean}, {name: pkd}]",
+    ],
+    ids=["per-example terms", "batch-coupled terms"],
+)
+def test_accumulation_is_exact(assets, tmp_path, losses: str) -> None:
+    # float64 so that the comparison is not swamped by Adam amplifying float32 summation-order noise
+    common = [f"losses={losses}", "train.max_steps=5", "train.max_grad_norm=1.0"]
+    ra = run64(make_cfg(assets, tmp_path / "a", *common, "train.batch_size=8", "train.grad_accum=1"))
+    rb = run64(make_cfg(assets, tmp_path / "b", *common, "train.batch_size=2", "train.grad_accum=4"))
+    wa, wb = weights(ra.student), weights(rb.student)
+    assert all(v.dtype == torch.float64 for v in wa.values() if v.is_floating_point())
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst < 1e-9, worst
+    # and the step really moved the weights (so equality is not vacuous)
+    init = weights(setup(make_cfg(assets, tmp_path / "c", *common), progress=False).student)
+    assert max((wa[k] - init[k]).abs().max().item() for k in wa) > 1e-3
+
+
+def test_resume_is_bit_identical(assets, tmp_path) -> None:
+    # dropout on: the RNG state must be restored too, not just the weights
+    common = [
+        "train.max_steps=9",
+        "train.save_every=3",
+        "train.eval_every=3",
+        "train.batch_size=4",
+        "train.grad_accum=2",
+    ]
+    cfg_a = make_cfg(assets, tmp_path / "a", *common, teacher=TEACHER)
+    ra, res_a = run(cfg_a)
+
+    class Interrupt(Exception):
+        pass
+
+    def crash_at_5(event: str, state: dict) -> None:
+        if state["step"] == 5:
+            raise Interrupt
+
+    cfg_b = make_cfg(assets, tmp_path / "b", *common, teacher=TEACHER)
+    with pytest.raises(Interrupt):
+        run(cfg_b, callbacks=[crash_at_5])
+    assert json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[-1])["step"] == 5
+    rb, res_b = run(cfg_b)  # resumes from the step-3 checkpoint
+    wa, wb = weights(ra.student), weights(rb.student)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert res_a["dev"] == res_b["dev"] and res_a["best_step"] == res_b["best_step"]
+    log_a = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds_per_step"} for r in rows]  # noqa: E731
+    assert strip(log_a) == strip(log_b)
+
+
+def test_same_seed_same_data_order_and_init_across_methods(assets, tmp_path) -> None:
+    ra = setup(make_cfg(assets, tmp_path / "a", "losses=[{name: ce}]"), progress=False)
+    rb = setup(make_cfg(assets, tmp_path / "b", "losses=[{name: kd}, {name: proj_mse}]"), progress=False)
+    wa, wb = weights(ra.student.model), weights(rb.student.model)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the projection head does not shift the init
+
+
+def test_saved_student_loads_with_plain_transformers(assets, tmp_path) -> None:
+    _, res = run(make_cfg(assets, tmp_path / "run", "losses=[{name: kd}, {name: proj_mse}]"))
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(res["student_dir"])
+    tok = AutoTokenizer.from_pretrained(res["student_dir"])
+    assert model.config.hidden_size == 16 and model.config.num_hidden_layers == 2
+    assert not any("proj" in k for k in model.state_dict())  # training-only heads are not saved
+    logits = model(**tok(["w5 w7 w9"], return_tensors="pt")).logits
+    assert logits.shape == (1, 2)
+    meta = json.loads((Path(res["student_dir"]) / "geodistill_run.json").read_text())
+    assert meta["config"]["losses"][1]["name"] == "proj_mse" and "version" in meta
+
+
+def test_nan_stops_with_last_good_checkpoint(assets, tmp_path, monkeypatch) -> None:
+    import geodistill.losses as L
+
+    spec = L.LOSSES["procrustes"]
+    calls = {"n": 0}
+
+    def poisoned(x, y, **kw):
+        calls["n"] += 1
+        value = spec.fn(x, y, **kw)
+        return value * float("nan") if calls["n"] >= 5 else value
+
+    monkeypatch.setitem(L.LOSSES, "procrustes", replace(spec, fn=poisoned))
+    cfg = make_cfg(assets, tmp_path / "run", "train.save_every=2", "train.max_steps=8")
+    with pytest.raises(TrainingDiverged, match=r"step 5: loss term 'procrustes' is nan.*checkpoint.*step 4"):
+        run(cfg)
+    state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
+    assert state["progress"]["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input stops before training, naming the field or file
+
+
+def test_unknown_config_key(assets, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown key train\.lrate"):
+        make_cfg(assets, tmp_path, "train.lrate=0.1")
+    with pytest.raises(ConfigError, match=r"losses\[1\]\.temprature|unknown key losses\[1\]\.temprature"):
+        make_cfg(assets, tmp_path, "losses.1.temprature=2")
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("losses.1.name=procrustez", r"losses\[1\]\.name: unknown loss 'procrustez'"),
+        ("losses.1.temperature=2.0", r"losses\[1\]\.temperature does not apply to procrustes"),
+        (
+            "losses.1.layers=[[2, 7]]",
+            r"losses\[1\]\.layers\[0\]: teacher layer 7 is out of range: the teacher has 3 layers",
+        ),
+        ("losses.1.layers=[[5, 1]]", r"student layer 5 is out of range"),
+        ("losses.0.temperature=0", r"losses\[0\]\.temperature must be > 0"),
+        ("student.num_heads=3", r"student: .*(divis|divide)"),
+    ],
+)
+def test_bad_objective_stops_before_training(assets, tmp_path, override: str, match: str) -> None:
+    with pytest.raises((ConfigError, ValueError), match=match):
+        setup(make_cfg(assets, tmp_path / "run", override), progress=False)
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_labels_outside_label_set(assets, tmp_path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "dev"):
+        (data / f"{split}.csv").write_text("text,label\nw5 w6,pos\nw7 w8,neg\n")
+    (data / "test.csv").write_text("text,label\nw5 w6,pos\nw9,neutral\n")
+    with pytest.raises(ValueError, match=r"test\.csv: row 3: label 'neutral' is outside the label set"):
+        setup(make_cfg(assets, tmp_path / "run", f"data.name={data}"), progress=False)
+    with pytest.raises(ValueError, match=r"test\.csv: row 3: label 'neutral' is not in label_names"):
+        setup(
+            make_cfg(assets, tmp_path / "run", f"data.name={data}", "data.label_names=[neg, pos]"),
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (None, r"missing\.csv"),
+        ("", r"empty\.csv"),
+        ("text,label\n", r"empty\.csv"),
+        ("words,label\nw5,0\n", r"empty\.csv.*text"),
+    ],
+)
+def test_empty_or_unreadable_dataset(assets, tmp_path, content, match) -> None:
+    path = tmp_path / ("missing.csv" if content is None else "empty.csv")
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        setup(make_cfg(assets, tmp_path / "run", f"data.name={path}"), progress=False)
+
+
+def test_output_dir_holding_another_run(assets, tmp_path) -> None:
+    run(make_cfg(assets, tmp_path / "run", "train.max_steps=1"))
+    with pytest.raises(ConfigError, match=r"output_dir .*run holds another run"):
+        setup(make_cfg(assets, tmp_path / "run", "train.max_steps=2"), progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        setup(make_cfg(assets, tmp_path / "other"), progress=False)
+    # the same config again resumes (here: returns the finished results) instead of failing
+    _, res = run(make_cfg(assets, tmp_path / "run", "train.max_steps=1"))
+    assert res["steps"] == 1
+
+
+def test_every_shipped_config_loads() -> None:
+    from geodistill.cli import CONFIG_DIR, shipped_configs
+
+    names = shipped_configs()
+    assert "demo" in names
+    for name in names:
+        data = (
+            load_config(DistillConfig, CONFIG_DIR / f"{name}.yaml")
+            if not name.startswith("sweeps/")
+            else None
+        )
+        if data is not None:
+            assert to_dict(from_dict(DistillConfig, to_dict(data))) == to_dict(data)
