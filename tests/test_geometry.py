@@ -15,6 +15,7 @@ from geodistill.geometry import (
     gram_distance,
     normalize,
     nuclear_norm,
+    polar_method,
     procrustes_distance,
 )
 
@@ -121,11 +122,14 @@ TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-9, 1e-12)}
 ANGULAR_NEAR_ZERO = {torch.float32: 1e-3, torch.float64: 1e-6}
 
 
+@pytest.mark.parametrize("method", ["eigh", "newton-schulz"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", CASES)
-def test_exact_against_float64_reference(case: str, dtype: torch.dtype) -> None:
+def test_exact_against_float64_reference(case: str, dtype: torch.dtype, method: str) -> None:
     x, y = make_case(case, dtype)
-    ref, got = ref_all(x, y), ours(x, y)
+    with polar_method(method):
+        got = ours(x, y)
+    ref = ref_all(x, y)
     rel, absolute = TOL[dtype]
     for key in ("procrustes", "gram", "cka"):
         assert abs(got[key] - ref[key]) <= rel * abs(ref[key]) + absolute, (key, got[key], ref[key])
@@ -312,15 +316,17 @@ def test_nuclear_norm_gradient_is_polar_factor_even_for_repeated_singular_values
 # gradients
 
 
+@pytest.mark.parametrize("method", ["eigh", "newton-schulz"])
 @pytest.mark.parametrize("shape", [(20, 5, 7), (6, 10, 12), (9, 4, 4)], ids=["n>d", "n<d", "square"])
 @pytest.mark.parametrize("name", [*list(DISTANCES), "cka"])
-def test_gradcheck(shape: tuple[int, int, int], name: str) -> None:
+def test_gradcheck(shape: tuple[int, int, int], name: str, method: str) -> None:
     f = DISTANCES.get(name, cka)
     n, ds, dt = shape
     g = torch.Generator().manual_seed(n * 100 + ds)
     x = torch.randn(n, ds, generator=g, dtype=torch.float64, requires_grad=True)
     y = torch.randn(n, dt, generator=g, dtype=torch.float64, requires_grad=True)
-    assert gradcheck(f, (x, y), eps=1e-6, atol=1e-7)
+    with polar_method(method):
+        assert gradcheck(f, (x, y), eps=1e-6, atol=1e-7)
 
 
 def test_gradcheck_nuclear_norm() -> None:
@@ -449,3 +455,29 @@ def test_65536_tokens_without_n_by_n_allocation(f) -> None:
     peak = _peak_cpu_alloc(run)
     assert 0 < peak < n * d * 8 * 4, peak  # a few n x d buffers at most
     assert peak < n * n * 4 // 1000  # an n x n float32 matrix would be 17 GB
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_newton_schulz_polar_factor_and_fallback(dtype: torch.dtype) -> None:
+    from geodistill.geometry import _newton_schulz_nuclear_and_polar
+
+    g = torch.Generator().manual_seed(9)
+    m = _graded(60, 40, torch.logspace(0, -2, 40, dtype=torch.float64), g).to(dtype)
+    nuc, polar = _newton_schulz_nuclear_and_polar(m)
+    u, s, vh = np.linalg.svd(m.double().numpy(), full_matrices=False)
+    assert abs(nuc.item() - s.sum()) <= (1e-6 if dtype == torch.float32 else 1e-12) * s.sum()
+    assert np.abs(polar.double().numpy() - u @ vh).max() < (1e-4 if dtype == torch.float32 else 1e-10)
+    # exactly rank-deficient in float64: zero singular values never grow, no convergence -> None
+    low = torch.randn(30, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, 20, generator=g, dtype=torch.float64
+    )
+    assert _newton_schulz_nuclear_and_polar(low) is None
+    with polar_method("newton-schulz"):
+        assert nuclear_norm(low).item() == pytest.approx(
+            np.linalg.svd(low.numpy(), compute_uv=False).sum(), rel=1e-12
+        )
+
+
+def test_polar_method_rejects_unknown() -> None:
+    with pytest.raises(ValueError, match="polar method"), polar_method("svd"):
+        pass
