@@ -109,6 +109,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from geodistill.experiments import sweep_main
+
+    try:
+        return sweep_main(
+            resolve_config_path(args.config),
+            args.set,
+            jobs=args.jobs,
+            quick=args.quick,
+            dry_run=args.dry_run,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print(
+            "geodistill sweep: interrupted; the same command resumes (finished runs are kept)",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from geodistill.stats import report
+
+    analysis, paths = report(args.results, args.out, baseline=args.baseline, metric=args.metric)
+    for c in analysis.comparisons:
+        where = ", ".join(f"{k}={v}" for k, v in c.setting.items() if v is not None)
+        what = ", ".join(f"{k}={v}" for k, v in c.treatment.items() if v is not None)
+        print(f"{where}: {what}: {c.mean_diff:+.2f} points, {c.pairs} pairs: {c.verdict_text()}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def _cmd_configs(args: argparse.Namespace) -> int:
     from geodistill.config import DistillConfig, describe, to_dict
 
@@ -186,6 +218,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--quick", action="store_true", help="smaller synthetic study (seconds, for tests)")
     p.set_defaults(func=_cmd_theory)
+
+    p = sub.add_parser(
+        "sweep",
+        help="a grid of runs (methods x seeds x alpha x layers x students x tasks) -> results.jsonl; resumable",
+    )
+    p.add_argument("config", help="sweep YAML file or shipped sweep config name")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a sweep value (YAML syntax: grid.seed=[0,1], base.train.max_steps=100); repeatable",
+    )
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each its own process)")
+    p.add_argument("--quick", action="store_true", help="apply the sweep's quick: overrides (a smoke test)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the planned runs and their state; run nothing"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser(
+        "report",
+        help="paired statistics of a sweep's results.jsonl against a baseline: tables, plots, verdicts",
+    )
+    p.add_argument("results", help="results.jsonl written by geodistill sweep")
+    p.add_argument(
+        "--baseline",
+        default="kd",
+        help="baseline method, or method@column=value,... when it has several (kd+procrustes@alpha=1)",
+    )
+    p.add_argument("--metric", default=None, help="row column to compare (default: test.<the task's metric>)")
+    p.add_argument("--out", default=None, help="output directory (default: <results dir>/report)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser(
         "configs", help="list shipped configs and every config key, or print a resolved config"

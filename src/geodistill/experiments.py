@@ -1,0 +1,818 @@
+"""Sweeps: methods x seeds x alphas x layer maps x students x tasks -> one tidy row per run.
+
+A sweep file names a base :class:`~geodistill.config.DistillConfig`, the methods (named objectives)
+and a grid. Every combination is resolved to a full ``DistillConfig``; its hash is the run's identity.
+Each finished run appends one row to ``<sweep dir>/results.jsonl``; rerunning the sweep skips the
+runs whose rows say ``status: ok`` (a killed sweep loses nothing: half-trained runs also resume from
+their own checkpoints). Runs go in parallel, one fresh process per run, up to ``--jobs`` at a time.
+
+The schema (strict: an unknown key is an error that names it)::
+
+    name: main                      # default: the file's stem
+    base:                           # a DistillConfig mapping; `include:` files relative to this file,
+      include: ../distill/rt.yaml   #   or base: path/to/config.yaml
+      train: {max_steps: 2000}
+    methods:                        # name -> DistillConfig overrides (merged over base, lists replaced)
+      ft: {losses: [{name: ce}]}
+      kd: {losses: [{name: kd, temperature: 2}]}
+      kd+procrustes:
+        losses: [{name: kd, temperature: 2}, {name: procrustes, weight: "${alpha}", layers: "${layers}"}]
+    grid:                           # every combination of these axes
+      seed: [0, 1, 2]               # shorthand for train.seed
+      data.split_seed: [0, 1]       # any dotted DistillConfig key: a *setting* (applied to every method)
+      student:                      # mapping values are merged into the base's mapping; `label:` names
+        - {label: small, init: config, num_layers: 4, hidden_size: 192, num_heads: 4}
+        - {label: subset, init: layer_subset, layers: [0, 2, 4]}
+      alpha: [0.1, 1, 10]           # any other name is a placeholder: substituted where a method's
+      layers: [last, uniform]       #   value is exactly "${name}"; methods without it run once
+    quick:                          # what --quick changes (a smoke test of the whole pipeline)
+      set: {train.max_steps: 5, data.max_train: 64}   # dotted overrides, applied last
+      grid: {seed: [0]}             # replacement values for some axes
+    output_dir: runs/sweeps/main    # default runs/sweeps/<name>; --quick writes to <output_dir>-quick
+
+Columns of a row: ``method``, one column per placeholder (``alpha``, ``layers``; empty where the
+method does not use it), one per dotted axis (named by its last key: ``split_seed``, ``student``;
+``data.name`` is ``task``), and always ``task``, ``seed``, ``split_seed``. Placeholders and
+``method`` are the *treatment*; dotted axes other than the seeds are the *setting*; ``seed`` and
+``split_seed`` are the *replicates* over which methods are paired (the trainer fixes initialisation,
+data order and dropout by ``train.seed`` identically for every method). The row records this split
+under ``axes`` for :mod:`geodistill.stats`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+import types
+import typing
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from geodistill.config import (
+    ConfigError,
+    DistillConfig,
+    _help,
+    _merge,
+    _set_path,
+    config_hash,
+    from_dict,
+    read_yaml,
+    to_dict,
+)
+
+__all__ = [
+    "PlannedRun",
+    "QuickConfig",
+    "SweepConfig",
+    "SweepSummary",
+    "append_row",
+    "expand",
+    "load_sweep",
+    "plan_table",
+    "read_rows",
+    "run_distill",
+    "run_sweep",
+    "sweep_dir",
+]
+
+Runner = Callable[[DistillConfig], dict[str, Any]]
+
+_PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
+_NAMED_AXES = {"seed": "train.seed"}  # grid shorthands
+_COLUMN_NAMES = {"train.seed": "seed", "data.split_seed": "split_seed", "data.name": "task"}
+REPLICATE_COLUMNS = ("seed", "split_seed")
+# keys of a row that an axis column must not shadow
+_ROW_FIELDS = {
+    "sweep", "run_id", "config_hash", "status", "method", "task", "seed", "split_seed", "axes",
+    "loss_terms", "metric", "steps", "best_step", "wall_seconds", "train_seconds", "seconds_per_step",
+    "peak_memory_mb", "student_parameters", "world_size", "version", "git_revision", "torch",
+    "output_dir", "finished_at", "error", "traceback",
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------
+# the schema
+
+
+@dataclass(frozen=True)
+class QuickConfig:
+    """What ``--quick`` changes: a smoke test of the whole sweep in minutes."""
+
+    set: Any = _help(
+        "DistillConfig overrides as {dotted.key: value}, applied to every run after the grid (like --set)",
+        default_factory=dict,
+    )
+    grid: Any = _help("replacement values for some grid axes, e.g. {seed: [0]}", default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A grid of distillation runs. See the module docstring for the full schema and an example."""
+
+    methods: Any = _help(
+        "named objectives: name -> DistillConfig overrides merged over base, e.g. "
+        "{kd: {losses: [{name: kd, temperature: 2}]}}; a value exactly '${alpha}' takes the grid's alpha"
+    )
+    name: str | None = _help("sweep name (default: the file's stem)", default=None)
+    base: Any = _help(
+        "the DistillConfig every run starts from: a mapping (may `include:` config files) or a file path",
+        default_factory=dict,
+    )
+    grid: Any = _help(
+        "axes -> lists of values: `seed`, dotted DistillConfig keys (settings: data.split_seed, student, "
+        "data.name, ...) and placeholder names used as '${name}' in methods (alpha, layers, ...)",
+        default_factory=dict,
+    )
+    quick: QuickConfig = _help("overrides applied with --quick", default_factory=QuickConfig)
+    output_dir: str | None = _help(
+        "directory of results.jsonl and the runs (default runs/sweeps/<name>)", default=None
+    )
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One resolved run of a sweep."""
+
+    run_id: str  # <method>-<first 8 hex digits of config_hash>, the run's directory name
+    method: str
+    config: DistillConfig  # fully resolved, output_dir set to the run's directory
+    config_hash: str  # identity: hash of the config without output_dir (where it is written)
+    values: dict[str, Any]  # column -> swept value (labels for mappings and lists)
+    axes: dict[str, list[str]]  # {"treatment": [...], "setting": [...], "replicate": [...]}
+    loss_terms: tuple[str, ...]
+
+
+@dataclass
+class SweepSummary:
+    """What a call of :func:`run_sweep` did."""
+
+    results_path: Path
+    planned: int
+    skipped: int  # already finished before this call
+    finished: int  # finished in this call
+    failed: list[tuple[str, str]]  # (run_id, error) of the runs that failed in this call
+    stale: int  # ok rows in results.jsonl that belong to no planned run (an edited sweep file)
+
+
+# ------------------------------------------------------------------------------------------
+# loading and validation
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    """Read a sweep YAML file plus ``--set`` overrides (``grid.seed=[0,1]``, ``base.train.lr=1e-4``)."""
+    from geodistill.config import apply_overrides
+
+    path = Path(path)
+    data = read_yaml(path)
+    if "base" in data:
+        data["base"] = _resolve_base(data["base"], path.parent)
+    data = apply_overrides(data, overrides or [])
+    data.setdefault("name", path.stem)
+    return parse_sweep(data)
+
+
+def parse_sweep(data: dict[str, Any]) -> SweepConfig:
+    """Strictly build a :class:`SweepConfig` from a mapping whose ``base`` is already a mapping."""
+    sweep = from_dict(SweepConfig, data)
+    _check_mapping(sweep.methods, "methods")
+    if not sweep.methods:
+        raise ConfigError("methods: name at least one method")
+    for name, spec in sweep.methods.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"methods: method names must be non-empty strings, got {name!r}")
+        _check_mapping(spec, f"methods.{name}")
+    _check_mapping(sweep.base, "base")
+    _check_mapping(sweep.grid, "grid")
+    _check_mapping(sweep.quick.set, "quick.set")
+    _check_mapping(sweep.quick.grid, "quick.grid")
+    for where, grid in (("grid", sweep.grid), ("quick.grid", sweep.quick.grid)):
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}.{key}: expected a non-empty list of values, got {values!r}")
+    _classify_axes(sweep)  # unknown axes, unused placeholders
+    for key in sweep.quick.grid:
+        if key not in sweep.grid:
+            raise ConfigError(
+                f"quick.grid.{key}: not an axis of grid (axes: {', '.join(sweep.grid) or 'none'})"
+            )
+    for key in sweep.quick.set:
+        _check_config_path(key, f"quick.set.{key}")
+    return sweep
+
+
+def _check_mapping(value: Any, where: str) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+
+
+def _find_file(name: str, here: Path) -> Path:
+    for candidate in (here / name, Path(name)):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"base: config file {name!r} not found (relative to {here} or the working directory)")
+
+
+def _resolve_base(base: Any, here: Path) -> Any:
+    """A path, or a mapping whose ``include:`` files are merged under it, as one mapping."""
+    if isinstance(base, str):
+        return read_yaml(_find_file(base, here))
+    if not isinstance(base, dict):
+        return base  # parse_sweep names the error
+    base = dict(base)
+    includes = base.pop("include", [])
+    merged: dict[str, Any] = {}
+    for inc in [includes] if isinstance(includes, str) else includes:
+        merged = _merge(merged, read_yaml(_find_file(inc, here)))
+    return _merge(merged, base)
+
+
+def _check_config_path(dotted: str, where: str) -> None:
+    """Raise unless ``dotted`` names a DistillConfig field (list items by index)."""
+    tp: Any = DistillConfig
+    keys = dotted.split(".")
+    for i, key in enumerate(keys):
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = inner[0] if len(inner) == 1 else Any
+        if tp is Any:  # free-form values (a loss's layer map): anything below is the loss's business
+            return
+        prefix = ".".join(keys[:i])
+        if typing.get_origin(tp) is tuple:
+            if not key.isdigit():
+                raise ConfigError(f"{where}: {prefix} is a list; expected an index, got {key!r}")
+            tp = next(a for a in typing.get_args(tp) if a is not Ellipsis)
+            continue
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{where}: {prefix} has no sub-keys")
+        hints = typing.get_type_hints(tp)
+        if key not in hints:
+            raise ConfigError(
+                f"{where}: unknown key {dotted} (known keys{' of ' + prefix if prefix else ''}: {', '.join(hints)})"
+            )
+        tp = hints[key]
+
+
+@dataclass(frozen=True)
+class _Axes:
+    paths: dict[str, str]  # grid key -> dotted config path
+    columns: dict[str, str]  # grid key -> row column
+    placeholders: tuple[str, ...]  # grid keys that are placeholders
+    uses: dict[str, tuple[str, ...]]  # method -> placeholders it uses
+
+
+def _is_path_axis(key: str) -> bool:
+    return key in _NAMED_AXES or "." in key or key in {f.name for f in dataclasses.fields(DistillConfig)}
+
+
+def _classify_axes(sweep: SweepConfig) -> _Axes:
+    paths: dict[str, str] = {}
+    placeholders: list[str] = []
+    for key in sweep.grid:
+        if _is_path_axis(key):
+            path = _NAMED_AXES.get(key, key)
+            _check_config_path(path, f"grid.{key}")
+            if path in paths.values():
+                raise ConfigError(f"grid.{key}: the same config key as another axis ({path})")
+            paths[key] = path
+        elif not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f"grid.{key}: neither a DistillConfig key nor a placeholder name")
+        else:
+            placeholders.append(key)
+
+    for key in placeholders:
+        if key in _ROW_FIELDS:
+            raise ConfigError(
+                f"grid.{key}: {key!r} is a column of every row; name this placeholder otherwise"
+            )
+    used_anywhere: set[str] = set()
+    uses: dict[str, tuple[str, ...]] = {}
+    for method, spec in sweep.methods.items():
+        found = _placeholders_in(_merge(sweep.base, spec), f"methods.{method}")
+        unknown = sorted(found - set(placeholders))
+        if unknown:
+            raise ConfigError(
+                f"methods.{method}: '${{{unknown[0]}}}' is not a grid axis "
+                f"(placeholder axes: {', '.join(placeholders) or 'none'})"
+            )
+        uses[method] = tuple(p for p in placeholders if p in found)
+        used_anywhere |= found
+    for key in placeholders:
+        if key not in used_anywhere:
+            raise ConfigError(
+                f"grid.{key}: unknown key: not a DistillConfig key, and no method uses '${{{key}}}' "
+                f"(config keys: {', '.join(f.name for f in dataclasses.fields(DistillConfig))}, seed)"
+            )
+
+    columns: dict[str, str] = {p: p for p in placeholders}
+    for key, path in paths.items():
+        name = _COLUMN_NAMES.get(path)
+        if name is None:
+            name = next(k for k in reversed(path.split(".")) if not k.isdigit())
+            if name in columns.values() or name in _ROW_FIELDS:
+                name = path
+        columns[key] = name
+    return _Axes(paths, columns, tuple(placeholders), uses)
+
+
+def _placeholders_in(obj: Any, where: str) -> set[str]:
+    found: set[str] = set()
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            found |= _placeholders_in(v, f"{where}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            found |= _placeholders_in(v, f"{where}[{i}]")
+    elif isinstance(obj, str) and "${" in obj:
+        match = _PLACEHOLDER.fullmatch(obj.strip())
+        if not match:
+            raise ConfigError(f"{where}: {obj!r}: a placeholder must be the whole value, like '${{alpha}}'")
+        found.add(match.group(1))
+    return found
+
+
+def _substitute(obj: Any, values: dict[str, Any]) -> Any:
+    if isinstance(obj, dict):
+        return {k: _substitute(v, values) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_substitute(v, values) for v in obj]
+    if isinstance(obj, str) and "${" in obj:
+        match = _PLACEHOLDER.fullmatch(obj.strip())
+        if match is None or match.group(1) not in values:
+            raise ConfigError(
+                f"{obj!r}: no value for this placeholder here (only methods' values may use them)"
+            )
+        return copy.deepcopy(values[match.group(1)])
+    return obj
+
+
+# ------------------------------------------------------------------------------------------
+# expansion
+
+
+def sweep_dir(sweep: SweepConfig, *, quick: bool = False) -> Path:
+    """Where results.jsonl and the runs of this sweep live."""
+    out = Path(sweep.output_dir or f"runs/sweeps/{sweep.name or 'sweep'}")
+    return out.with_name(out.name + "-quick") if quick else out
+
+
+def label(value: Any) -> Any:
+    """A swept value as a row cell: scalars as they are; a mapping by its ``label`` key or as
+    ``k=v,k=v``; a list as compact JSON (``[[2,6],[4,12]]``)."""
+    if isinstance(value, dict):
+        if "label" in value:
+            return str(value["label"])
+        return ",".join(f"{k}={label(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return json.dumps(value, separators=(",", ":"))
+    return value
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9+_.=-]+", "_", text).strip("_") or "run"
+
+
+def _set_value(data: dict[str, Any], path: str, value: Any, where: str) -> None:
+    """Set a dotted key; a mapping value is merged into the mapping already there."""
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k != "label"}
+        node: Any = data
+        try:
+            for key in path.split("."):
+                node = node[int(key)] if isinstance(node, list) else node.get(key, {})
+        except (IndexError, ValueError, AttributeError):
+            node = None
+        if isinstance(node, dict):
+            value = _merge(node, value)
+    try:
+        _set_path(data, path, copy.deepcopy(value))
+    except (ConfigError, IndexError, AttributeError) as e:
+        raise ConfigError(f"{where}: cannot set {path}: {e}") from e
+
+
+def expand(sweep: SweepConfig, *, quick: bool = False) -> list[PlannedRun]:
+    """Every run of the sweep, resolved and validated, in a stable order: seeds outermost, then the
+    other setting axes, methods, and the method's placeholder values."""
+    axes = _classify_axes(sweep)
+    grid = {**sweep.grid, **(sweep.quick.grid if quick else {})}
+    root = sweep_dir(sweep, quick=quick)
+    path_keys = list(axes.paths)
+    treatment = ["method", *(axes.columns[p] for p in axes.placeholders)]
+    setting = ["task"] + [
+        axes.columns[k] for k in path_keys if axes.columns[k] not in ("task", *REPLICATE_COLUMNS)
+    ]
+    axes_info = {"treatment": treatment, "setting": setting, "replicate": list(REPLICATE_COLUMNS)}
+
+    plan: list[PlannedRun] = []
+    seen: dict[str, str] = {}
+    # replicates outermost: a sweep stopped half-way has whole seeds done for every method (paired)
+    path_keys.sort(key=lambda k: axes.columns[k] not in REPLICATE_COLUMNS)
+    for path_values in itertools.product(*(grid[k] for k in path_keys)):
+        for method, spec in sweep.methods.items():
+            used = axes.uses[method]
+            for ph_values in itertools.product(*(grid[p] for p in used)):
+                subst = dict(zip(used, ph_values, strict=True))
+                values: dict[str, Any] = {"method": method}
+                values.update({axes.columns[p]: label(subst.get(p)) for p in axes.placeholders})
+                where = f"run {method}" + "".join(f", {p}={label(v)}" for p, v in subst.items())
+                data = copy.deepcopy(_merge(sweep.base, spec))  # _set_path mutates nested mappings
+                for key, value in zip(path_keys, path_values, strict=True):
+                    _set_value(data, axes.paths[key], value, f"{where}: grid.{key}")
+                    values[axes.columns[key]] = label(value)
+                    where += f", {axes.columns[key]}={label(value)}"
+                if quick:
+                    for key, value in sweep.quick.set.items():
+                        _set_value(data, key, value, f"{where}: quick.set.{key}")
+                data = _substitute(data, subst)
+                data["output_dir"] = ""
+                try:
+                    cfg = from_dict(DistillConfig, data)
+                except ConfigError as e:
+                    raise ConfigError(f"{where}: {e}") from e
+                cfg = replace(cfg, output_dir="", overwrite=False)
+                digest = config_hash(cfg)
+                if digest in seen:
+                    raise ConfigError(
+                        f"{where}: resolves to the same config as {seen[digest]} (hash {digest}); "
+                        "remove the duplicate method or axis value"
+                    )
+                seen[digest] = where
+                run_id = f"{_slug(method)}-{digest[:8]}"
+                values.update(task=cfg.data.name, seed=cfg.train.seed, split_seed=cfg.data.split_seed)
+                plan.append(
+                    PlannedRun(
+                        run_id=run_id,
+                        method=method,
+                        config=replace(cfg, output_dir=str(root / "runs" / run_id)),
+                        config_hash=digest,
+                        values=values,
+                        axes=axes_info,
+                        loss_terms=tuple(loss.name for loss in cfg.losses),
+                    )
+                )
+    return plan
+
+
+def plan_table(plan: list[PlannedRun], done: set[str] | None = None, failed: set[str] | None = None) -> str:
+    """A markdown table of the planned runs and their state (done / failed before / to run)."""
+    done, failed = done or set(), failed or set()
+    columns: list[str] = []
+    for run in plan:
+        for c in (*run.axes["treatment"], *run.axes["setting"], *run.axes["replicate"]):
+            if c not in columns:
+                columns.append(c)
+    header = ["#", "run_id", *columns, "state"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for i, run in enumerate(plan, 1):
+        state = (
+            "done" if run.config_hash in done else "failed before" if run.config_hash in failed else "to run"
+        )
+        cells = [
+            str(i),
+            run.run_id,
+            *("" if run.values.get(c) is None else str(run.values[c]) for c in columns),
+        ]
+        lines.append("| " + " | ".join([*cells, state]) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# results.jsonl
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive inter-process lock on ``path`` (POSIX; elsewhere a no-op: one sweep at a time)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - non-POSIX
+            yield
+            return
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def append_row(path: str | Path, row: dict[str, Any]) -> None:
+    """Append one JSON line under a file lock, flushed to disk before returning."""
+    path = Path(path)
+    line = json.dumps(row, default=str, allow_nan=True) + "\n"
+    with _locked(path.with_name(path.name + ".lock")), open(path, "ab") as f:
+        if f.tell() > 0:
+            with open(path, "rb") as r:  # a line cut short by a kill must not swallow this one
+                r.seek(-1, os.SEEK_END)
+                if r.read(1) != b"\n":
+                    f.write(b"\n")
+        f.write(line.encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a results.jsonl file; a line cut short by a kill is skipped with a warning."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}:{i}: skipping a line that is not JSON (cut short?)", stacklevel=2)
+    return rows
+
+
+def _row(
+    run: PlannedRun,
+    sweep_name: str,
+    results: dict[str, Any] | None,
+    wall: float | None,
+    error: str | None = None,
+    trace: str | None = None,
+) -> dict[str, Any]:
+    from geodistill import __version__
+
+    res = results or {}
+    row: dict[str, Any] = {
+        "sweep": sweep_name,
+        "run_id": run.run_id,
+        "config_hash": run.config_hash,
+        "status": "ok" if error is None else "error",
+        **run.values,
+        "axes": run.axes,
+        "loss_terms": list(run.loss_terms),
+    }
+    for split in ("dev", "test"):
+        for k, v in (res.get(split) or {}).items():
+            row[f"{split}.{k}"] = v
+    row.update(
+        metric=res.get("metric"),
+        steps=res.get("steps"),
+        best_step=res.get("best_step"),
+        wall_seconds=wall,
+        train_seconds=res.get("train_seconds"),
+        seconds_per_step=res.get("seconds_per_step"),
+        peak_memory_mb=res.get("peak_memory_mb"),
+        student_parameters=res.get("student_parameters"),
+        world_size=res.get("world_size"),
+        version=res.get("version", __version__),
+        git_revision=res.get("git_revision"),
+        torch=res.get("torch"),
+        output_dir=run.config.output_dir,
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    if error is not None:
+        row["error"] = error
+        row["traceback"] = trace
+    return row
+
+
+# ------------------------------------------------------------------------------------------
+# running
+
+
+def run_distill(cfg: DistillConfig) -> dict[str, Any]:
+    """The default runner: :func:`geodistill.train.distill` without its progress bar."""
+    from geodistill.train import distill
+
+    return distill(cfg, progress=False)
+
+
+def _limit_threads(threads: int | None) -> None:
+    if threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _child(runner: Runner, cfg: DistillConfig, threads: int | None, conn: Any) -> None:
+    """Body of a worker process: one run, its outcome sent back through ``conn``."""
+    _limit_threads(threads)
+    start = time.perf_counter()
+    try:
+        results = runner(cfg)
+        conn.send(("ok", results, time.perf_counter() - start, None))
+    except Exception as e:
+        conn.send(("error", f"{type(e).__name__}: {e}", time.perf_counter() - start, traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def run_sweep(
+    sweep: SweepConfig,
+    *,
+    quick: bool = False,
+    jobs: int = 1,
+    runner: Runner | None = None,
+    in_process: bool | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> SweepSummary:
+    """Run every planned run without an ``ok`` row in results.jsonl; append one row per run.
+
+    ``runner(cfg) -> results`` defaults to :func:`run_distill`. Runs go in fresh ``spawn``
+    processes, ``jobs`` at a time, each limited to ``max(1, cores // jobs)`` torch threads (unless
+    the config sets ``train.threads``), so a crash, however hard, costs only its own run, and
+    ``peak_memory_mb`` is the run's own. ``in_process=True`` (the default for a custom runner with
+    ``jobs=1``) calls the runner in this process, which lets tests pass any callable. A failed run
+    writes an ``error`` row (not counted as finished: the next call retries it) and the sweep goes on.
+    """
+    if jobs < 1:
+        raise ConfigError(f"--jobs: expected at least 1, got {jobs}")
+    if in_process is None:
+        in_process = runner is not None and jobs == 1
+    runner = runner or run_distill
+    plan = expand(sweep, quick=quick)
+    root = sweep_dir(sweep, quick=quick)
+    results_path = root / "results.jsonl"
+    rows = read_rows(results_path)
+    done = {r.get("config_hash") for r in rows if r.get("status") == "ok"}
+    planned = {run.config_hash for run in plan}
+    todo = [run for run in plan if run.config_hash not in done]
+    summary = SweepSummary(
+        results_path=results_path,
+        planned=len(plan),
+        skipped=len(plan) - len(todo),
+        finished=0,
+        failed=[],
+        stale=len({h for h in done if h not in planned}),
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sweep.json").write_text(
+        json.dumps({"sweep": to_dict(sweep), "quick": quick, "runs": [r.run_id for r in plan]}, indent=2)
+    )
+    log(
+        f"sweep {sweep.name}: {len(plan)} runs planned, {summary.skipped} already finished, "
+        f"{len(todo)} to run ({jobs} at a time); results in {results_path}"
+    )
+    if summary.stale:
+        log(
+            f"note: {results_path} also holds {summary.stale} finished runs that this sweep file no longer plans"
+        )
+
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"sweep {sweep.name}", unit="run", dynamic_ncols=True)
+
+    def record(run: PlannedRun, outcome: tuple[str, Any, float | None, str | None]) -> None:
+        status, payload, wall, trace = outcome
+        if status == "ok":
+            append_row(results_path, _row(run, sweep.name or "", payload, wall))
+            summary.finished += 1
+        else:
+            append_row(results_path, _row(run, sweep.name or "", None, wall, payload, trace))
+            summary.failed.append((run.run_id, payload))
+            log(f"run {run.run_id} failed: {payload}")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(ok=summary.finished, failed=len(summary.failed))
+
+    try:
+        if in_process:
+            for run in todo:
+                start = time.perf_counter()
+                try:
+                    results = runner(run.config)
+                except Exception as e:
+                    outcome = (
+                        "error",
+                        f"{type(e).__name__}: {e}",
+                        time.perf_counter() - start,
+                        traceback.format_exc(),
+                    )
+                else:
+                    outcome = ("ok", results, time.perf_counter() - start, None)
+                record(run, outcome)
+        else:
+            _run_processes(todo, runner, jobs, record)
+    finally:
+        if bar is not None:
+            bar.close()
+    return summary
+
+
+def _run_processes(
+    todo: list[PlannedRun],
+    runner: Runner,
+    jobs: int,
+    record: Callable[[PlannedRun, tuple[str, Any, float | None, str | None]], None],
+) -> None:
+    """At most ``jobs`` worker processes at a time, a fresh one per run."""
+    from multiprocessing.connection import wait
+
+    ctx = multiprocessing.get_context("spawn")  # no fork: torch and its threads are not fork-safe
+    threads = max(1, _cores() // jobs)
+    pending = deque(todo)
+    active: dict[Any, tuple[Any, PlannedRun, float]] = {}  # reader -> (process, run, start)
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # `kill` stops the workers too
+
+        def stop(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+        previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        while pending or active:
+            while pending and len(active) < jobs:
+                run = pending.popleft()
+                reader, writer = ctx.Pipe(duplex=False)
+                cfg_threads = None if run.config.train.threads else threads
+                proc = ctx.Process(
+                    target=_child,
+                    args=(runner, run.config, cfg_threads, writer),
+                    name=f"geodistill-{run.run_id}",
+                )
+                proc.start()
+                writer.close()  # the child holds the only write end: its exit makes the reader ready
+                active[reader] = (proc, run, time.perf_counter())
+            for reader in wait(list(active)):
+                proc, run, start = active.pop(reader)
+                try:
+                    outcome = reader.recv()
+                except EOFError:  # the process died without a word: killed, out of memory, segfault
+                    proc.join()
+                    code = proc.exitcode
+                    why = (
+                        f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                    )
+                    outcome = (
+                        "error",
+                        f"worker process died ({why}; out of memory?)",
+                        time.perf_counter() - start,
+                        None,
+                    )
+                reader.close()
+                proc.join()
+                record(run, outcome)
+    finally:
+        for reader, (proc, _, _) in active.items():  # interrupted: stop the runs in flight (they resume)
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+            reader.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def sweep_main(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    jobs: int = 1,
+    quick: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> int:
+    """The ``geodistill sweep`` command; returns the exit status (1 when a run failed)."""
+    sweep = load_sweep(path, overrides)
+    if dry_run:
+        plan = expand(sweep, quick=quick)
+        rows = read_rows(sweep_dir(sweep, quick=quick) / "results.jsonl")
+        done = {r.get("config_hash") for r in rows if r.get("status") == "ok"}
+        failed = {r.get("config_hash") for r in rows if r.get("status") == "error"} - done
+        todo = sum(run.config_hash not in done for run in plan)
+        print(f"sweep {sweep.name}: {len(plan)} runs planned, {len(plan) - todo} finished, {todo} to run")
+        print(f"results: {sweep_dir(sweep, quick=quick) / 'results.jsonl'}\n")
+        print(plan_table(plan, done, failed))
+        return 0
+    summary = run_sweep(sweep, quick=quick, jobs=jobs, progress=progress)
+    print(
+        f"sweep {sweep.name}: {summary.finished} finished now, {summary.skipped} before, "
+        f"{len(summary.failed)} failed; results in {summary.results_path}"
+    )
+    for run_id, error in summary.failed:
+        print(f"  failed: {run_id}: {error}", file=sys.stderr)
+    if summary.failed:
+        print("rerun the same command to retry the failed runs (finished ones are skipped)", file=sys.stderr)
+    return 1 if summary.failed else 0

@@ -1,0 +1,351 @@
+"""Sweeps: grid expansion, strict schema errors, resumable results.jsonl, crash isolation.
+
+No training here: the runner is injectable, and these tests pass fakes that record their calls.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from geodistill.config import ConfigError, DistillConfig
+from geodistill.experiments import (
+    append_row,
+    expand,
+    load_sweep,
+    parse_sweep,
+    read_rows,
+    run_sweep,
+)
+
+METHODS = {
+    "ft": {"losses": [{"name": "ce"}]},
+    "kd": {"losses": [{"name": "kd", "temperature": 2}]},
+    "kd+procrustes": {
+        "losses": [{"name": "kd", "temperature": 2}, {"name": "procrustes", "weight": "${alpha}"}]
+    },
+}
+
+
+def sweep_dict(tmp_path: Path, **changes: Any) -> dict[str, Any]:
+    data = {
+        "name": "t",
+        "base": {"data": {"name": "rotten_tomatoes", "max_train": 64}, "train": {"max_steps": 3}},
+        "methods": METHODS,
+        "grid": {"seed": [0, 1, 2], "alpha": [0.1, 1, 10], "data.split_seed": [0, 1]},
+        "quick": {"set": {"train.max_steps": 1}, "grid": {"seed": [0]}},
+        "output_dir": str(tmp_path / "sweep"),
+    }
+    data.update(changes)
+    return data
+
+
+def write_sweep(tmp_path: Path, data: dict[str, Any], name: str = "sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class FakeRunner:
+    """Records every config it is asked to run; optionally dies at call ``stop_at`` (1-based)."""
+
+    def __init__(self, stop_at: int | None = None, fail: set[int] | None = None) -> None:
+        self.calls: list[DistillConfig] = []
+        self.stop_at, self.fail = stop_at, fail or set()
+
+    def __call__(self, cfg: DistillConfig) -> dict[str, Any]:
+        self.calls.append(cfg)
+        if len(self.calls) == self.stop_at:
+            raise KeyboardInterrupt  # the sweep is killed mid-way
+        if cfg.train.seed in self.fail:
+            raise RuntimeError(f"seed {cfg.train.seed} diverged")
+        return fake_results(cfg)
+
+
+def fake_results(cfg: DistillConfig) -> dict[str, Any]:
+    acc = 0.7 + 0.01 * cfg.train.seed + 0.001 * len(cfg.losses)
+    return {
+        "output_dir": cfg.output_dir,
+        "steps": cfg.train.max_steps,
+        "best_step": cfg.train.max_steps,
+        "dev": {"accuracy": acc},
+        "test": {"accuracy": acc - 0.01},
+        "metric": "accuracy",
+        "seconds_per_step": 0.5,
+        "train_seconds": 1.5,
+        "peak_memory_mb": 123.0,
+        "student_parameters": 1000,
+        "world_size": 1,
+        "version": "0.1.0",
+        "git_revision": "abc1234",
+        "torch": "2.x",
+    }
+
+
+def crashing_runner(cfg: DistillConfig) -> dict[str, Any]:
+    """Module level, so a spawned worker can import it: dies hard on seed 1."""
+    if cfg.train.seed == 1:
+        os._exit(3)  # no exception, no message: as if killed
+    return fake_results(cfg)
+
+
+# ------------------------------------------------------------------------------------------
+# expansion
+
+
+def test_grid_counts_and_alpha_substitution(tmp_path: Path) -> None:
+    plan = expand(parse_sweep(sweep_dict(tmp_path)))
+    by_method = Counter(run.method for run in plan)
+    # 3 seeds x 2 split seeds; the alpha method also x 3 alphas; ft and kd are not repeated per alpha
+    assert by_method == {"ft": 6, "kd": 6, "kd+procrustes": 18}
+    assert len({run.config_hash for run in plan}) == len(plan) == 30
+    assert len({run.run_id for run in plan}) == 30
+    for run in plan:
+        assert run.config.output_dir == str(tmp_path / "sweep" / "runs" / run.run_id)
+        assert run.values["seed"] == run.config.train.seed
+        assert run.values["split_seed"] == run.config.data.split_seed
+        assert run.values["task"] == "rotten_tomatoes"
+        if run.method == "kd+procrustes":
+            assert run.config.losses[1].weight == pytest.approx(run.values["alpha"])
+            assert run.values["alpha"] in (0.1, 1, 10)
+        else:
+            assert run.values["alpha"] is None
+    assert {r.config.losses[1].weight for r in plan if r.method == "kd+procrustes"} == {0.1, 1.0, 10.0}
+    assert plan[0].axes == {
+        "treatment": ["method", "alpha"],
+        "setting": ["task"],
+        "replicate": ["seed", "split_seed"],
+    }
+    # replicates outermost: the first runs cover every method for seed 0, split seed 0
+    first = plan[: 1 + 1 + 3]
+    assert {r.method for r in first} == set(METHODS) and {r.values["seed"] for r in first} == {0}
+
+
+def test_identity_ignores_output_dir_and_is_stable(tmp_path: Path) -> None:
+    a = expand(parse_sweep(sweep_dict(tmp_path)))
+    b = expand(parse_sweep(sweep_dict(tmp_path, output_dir=str(tmp_path / "elsewhere"))))
+    assert [r.config_hash for r in a] == [r.config_hash for r in b]
+    assert a[0].config.output_dir != b[0].config.output_dir
+
+
+def test_student_layers_and_task_axes(tmp_path: Path) -> None:
+    methods = {
+        "kd": METHODS["kd"],
+        "kd+gram": {
+            "losses": [{"name": "kd"}, {"name": "gram", "weight": "${alpha}", "layers": "${layers}"}]
+        },
+    }
+    grid = {
+        "seed": [0, 1],
+        "alpha": [1],
+        "layers": ["last", [[2, 6], [4, 12]]],
+        "student": [
+            {"label": "small", "init": "config", "num_layers": 2, "hidden_size": 64},
+            {"init": "layer_subset", "layers": [0, 2, 4]},
+        ],
+        "data.name": ["rotten_tomatoes", "reuters_r8"],
+    }
+    base = {"data": {"name": "rotten_tomatoes"}, "student": {"num_layers": 3, "num_heads": 2}}
+    sweep = parse_sweep(sweep_dict(tmp_path, base=base, methods=methods, grid=grid))
+    before = copy.deepcopy(sweep.base)
+    plan = expand(sweep)
+    assert sweep.base == before  # runs do not leak into each other through the shared base
+    assert Counter(r.method for r in plan) == {"kd": 2 * 2 * 2, "kd+gram": 2 * 2 * 2 * 2}
+    assert plan[0].axes["treatment"] == ["method", "alpha", "layers"]
+    assert plan[0].axes["setting"] == ["task", "student"]
+    students = {r.values["student"] for r in plan}
+    assert students == {"small", "init=layer_subset,layers=[0,2,4]"}
+    small = next(r for r in plan if r.values["student"] == "small")
+    student = small.config.student
+    # a mapping value is merged into the base's mapping: num_heads comes from the base
+    assert (student.init, student.num_layers, student.hidden_size, student.num_heads) == ("config", 2, 64, 2)
+    subset = next(r for r in plan if r.values["student"] != "small")
+    assert subset.config.student.layers == (0, 2, 4)
+    gram = [r for r in plan if r.method == "kd+gram"]
+    assert {r.values["layers"] for r in gram} == {"last", "[[2,6],[4,12]]"}
+    assert {json.dumps(r.config.losses[1].layers) for r in gram} == {'"last"', "[[2, 6], [4, 12]]"}
+    assert {r.values["task"] for r in plan} == {"rotten_tomatoes", "reuters_r8"}
+    assert all(r.values["layers"] is None for r in plan if r.method == "kd")
+
+
+def test_quick_overrides_and_directory(tmp_path: Path) -> None:
+    sweep = parse_sweep(sweep_dict(tmp_path))
+    plan = expand(sweep, quick=True)
+    assert len(plan) == 1 * 2 * (1 + 1 + 3)  # quick.grid: seed [0]
+    assert all(r.config.train.max_steps == 1 for r in plan)
+    assert all(Path(r.config.output_dir).parent.parent == tmp_path / "sweep-quick" for r in plan)
+
+
+def test_base_include_file_and_overrides(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "rt.yaml").write_text(
+        "data: {name: reuters_r8}\ntrain: {max_steps: 7, lr: 0.001}\n"
+    )
+    included = write_sweep(
+        tmp_path, sweep_dict(tmp_path, base={"include": "configs/rt.yaml", "train": {"lr": 0.01}})
+    )
+    plan = expand(load_sweep(included, ["grid.seed=[5]", "grid.alpha=[2]"]))
+    assert {(r.config.data.name, r.config.train.max_steps, r.config.train.lr) for r in plan} == {
+        ("reuters_r8", 7, 0.01)
+    }
+    assert {r.config.train.seed for r in plan} == {5}
+    assert len(plan) == 3 * 2
+    as_path = write_sweep(tmp_path, sweep_dict(tmp_path, base="configs/rt.yaml"), "s2.yaml")
+    assert load_sweep(as_path).base["train"]["max_steps"] == 7
+    assert load_sweep(as_path).name == "t"
+    del_name = sweep_dict(tmp_path)
+    del del_name["name"]
+    assert load_sweep(write_sweep(tmp_path, del_name, "main.yaml")).name == "main"
+
+
+G = {"seed": [0], "alpha": [1]}  # a grid the default methods accept
+NO_ALPHA = {"grid": {"seed": [0]}, "quick": {}}  # for method sets without ${alpha}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"methds": {}}, "unknown key methds"),
+        ({"grid": {**G, "sed": [0, 1]}}, "grid.sed: unknown key"),
+        ({"grid": {**G, "train.sed": [0, 1]}}, "unknown key train.sed"),
+        ({"grid": {**G, "student.num_layerz": [2]}}, "unknown key student.num_layerz"),
+        ({"grid": {**G, "losses.x.weight": [2]}}, "losses is a list; expected an index"),
+        ({"grid": {**G, "seed": []}}, "grid.seed: expected a non-empty list"),
+        ({"grid": {**G, "train.seed": [1]}}, "grid.train.seed: the same config key"),
+        ({"quick": {"grid": {"beta": [1]}}}, "quick.grid.beta: not an axis"),
+        ({"quick": {"sett": {}}}, "unknown key quick.sett"),
+        ({"quick": {"set": {"train.max_stepz": 1}}}, "unknown key train.max_stepz"),
+        ({**NO_ALPHA, "methods": {"kd": {"losses": [{"name": "kd", "temprature": 2}]}}}, "temprature"),
+        (
+            {**NO_ALPHA, "methods": {"kd": {"losses": [{"weight": "${beta}"}]}}},
+            "'${beta}' is not a grid axis",
+        ),
+        ({"methods": {"kd": {"losses": [{"name": "kd", "weight": "x${alpha}"}]}}}, "must be the whole value"),
+        ({**NO_ALPHA, "methods": {"kd": {"lossez": []}}}, "unknown key lossez"),
+        ({**NO_ALPHA, "methods": {}}, "name at least one method"),
+        ({**NO_ALPHA, "methods": {"kd": []}}, "methods.kd: expected a mapping"),
+        ({"grid": {"status": [1]}, "methods": {"kd": {"train": {"lr": "${status}"}}}}, "grid.status"),
+    ],
+)
+def test_strict_errors_name_the_key(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        expand(parse_sweep(sweep_dict(tmp_path, **change)))
+
+
+def test_duplicate_configs_are_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="same config"):
+        expand(
+            parse_sweep(sweep_dict(tmp_path, **NO_ALPHA, methods={"a": METHODS["kd"], "b": METHODS["kd"]}))
+        )
+
+
+def test_error_inside_one_run_names_the_run(tmp_path: Path) -> None:
+    grid = {"seed": [0], "student": [{"init": "config", "num_layerz": 2}]}
+    with pytest.raises(ConfigError, match=r"run ft.*num_layerz"):
+        expand(parse_sweep(sweep_dict(tmp_path, grid=grid, quick={}, methods={"ft": METHODS["ft"]})))
+
+
+# ------------------------------------------------------------------------------------------
+# running and resuming
+
+
+def test_rows_hold_every_swept_value_and_measurement(tmp_path: Path) -> None:
+    sweep = parse_sweep(sweep_dict(tmp_path, grid={"seed": [0], "alpha": [1]}))
+    summary = run_sweep(sweep, runner=FakeRunner(), progress=False, log=lambda _: None)
+    assert (summary.planned, summary.finished, summary.skipped, summary.failed) == (3, 3, 0, [])
+    rows = read_rows(tmp_path / "sweep" / "results.jsonl")
+    row = next(r for r in rows if r["method"] == "kd+procrustes")
+    for key in (
+        "config_hash", "run_id", "method", "alpha", "seed", "split_seed", "task", "dev.accuracy",
+        "test.accuracy", "steps", "wall_seconds", "seconds_per_step", "peak_memory_mb", "version",
+        "git_revision", "output_dir", "axes", "loss_terms", "status", "sweep",
+    ):  # fmt: skip
+        assert key in row, key
+    assert (row["alpha"], row["seed"], row["status"], row["loss_terms"]) == (1, 0, "ok", ["kd", "procrustes"])
+    assert row["test.accuracy"] == pytest.approx(0.7 + 0.002 - 0.01)
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"] == [r["run_id"] for r in rows]
+
+
+def test_killed_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
+    sweep = parse_sweep(sweep_dict(tmp_path))
+    plan = expand(sweep)
+    results = tmp_path / "sweep" / "results.jsonl"
+
+    first = FakeRunner(stop_at=8)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep, runner=first, progress=False, log=lambda _: None)
+    assert len(read_rows(results)) == 7  # the 8th was killed before writing a row
+
+    second = FakeRunner()
+    summary = run_sweep(sweep, runner=second, progress=False, log=lambda _: None)
+    assert summary.skipped == 7 and summary.finished == len(plan) - 7
+    done_first = {c.output_dir for c in first.calls[:7]}
+    assert not done_first & {c.output_dir for c in second.calls}  # finished runs are not rerun
+    rows = read_rows(results)
+    assert sorted(r["config_hash"] for r in rows) == sorted(r.config_hash for r in plan)  # each once
+
+    third = FakeRunner()
+    assert run_sweep(sweep, runner=third, progress=False, log=lambda _: None).finished == 0
+    assert third.calls == [] and len(read_rows(results)) == len(plan)
+
+
+def test_failed_runs_write_error_rows_and_are_retried(tmp_path: Path) -> None:
+    sweep = parse_sweep(sweep_dict(tmp_path, grid={"seed": [0, 1], "alpha": [1]}))
+    logged: list[str] = []
+    summary = run_sweep(sweep, runner=FakeRunner(fail={1}), progress=False, log=logged.append)
+    assert summary.finished == 3 and len(summary.failed) == 3
+    assert all("seed 1 diverged" in error for _, error in summary.failed)
+    assert any("failed" in line for line in logged)
+    rows = read_rows(tmp_path / "sweep" / "results.jsonl")
+    errors = [r for r in rows if r["status"] == "error"]
+    assert len(errors) == 3 and all("RuntimeError" in r["error"] and r["traceback"] for r in errors)
+    assert all("test.accuracy" not in r for r in errors)
+
+    retry = FakeRunner()
+    summary = run_sweep(sweep, runner=retry, progress=False, log=lambda _: None)
+    assert summary.skipped == 3 and summary.finished == 3 and not summary.failed
+    assert {c.train.seed for c in retry.calls} == {1}
+
+
+def test_truncated_last_line_is_survived(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    append_row(path, {"a": 1})
+    with open(path, "a") as f:
+        f.write('{"a": 2, "b"')  # killed mid-write
+    append_row(path, {"a": 3})
+    with pytest.warns(UserWarning, match="not JSON"):
+        assert [r["a"] for r in read_rows(path)] == [1, 3]
+
+
+def test_parallel_processes_isolate_a_hard_crash(tmp_path: Path) -> None:
+    """Two worker processes at once; one run dies without a word; the other finishes."""
+    sweep = parse_sweep(sweep_dict(tmp_path, quick={}, methods={"kd": METHODS["kd"]}, grid={"seed": [0, 1]}))
+    summary = run_sweep(sweep, runner=crashing_runner, jobs=2, progress=False, log=lambda _: None)
+    assert summary.finished == 1 and len(summary.failed) == 1
+    assert "worker process died (exit code 3" in summary.failed[0][1]
+    rows = read_rows(tmp_path / "sweep" / "results.jsonl")
+    assert sorted((r["seed"], r["status"]) for r in rows) == [(0, "ok"), (1, "error")]
+    assert next(r for r in rows if r["status"] == "ok")["wall_seconds"] > 0
+
+
+def test_cli_dry_run_prints_the_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from geodistill.cli import main
+
+    path = write_sweep(tmp_path, sweep_dict(tmp_path))
+    sweep = load_sweep(path)
+    run_sweep(sweep, runner=FakeRunner(stop_at=None, fail={2}), progress=False, log=lambda _: None)
+    assert main(["sweep", str(path), "--dry-run", "--set", "grid.seed=[0,1,2,3]"]) == 0
+    out = capsys.readouterr().out
+    assert "40 runs planned, 20 finished, 20 to run" in out
+    assert out.count("| to run |") == 10 and out.count("| failed before |") == 10
+    assert out.count("| done |") == 20
+    assert main(["sweep", str(path), "--dry-run", "--set", "grid.sed=[0]"]) == 2
+    assert "grid.sed" in capsys.readouterr().err

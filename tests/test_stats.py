@@ -1,0 +1,338 @@
+"""Sweep statistics: Holm by hand, MDE against simulation, verdicts on synthetic effects, the report.
+
+Synthetic results mimic results.jsonl rows: a seed effect shared by every method (what pairing
+removes) plus a known method effect and small noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from geodistill.experiments import append_row
+from geodistill.stats import (
+    PairingError,
+    StatsError,
+    analyse,
+    bootstrap_mean_ci,
+    holm,
+    minimum_detectable_effect,
+    paired_power,
+    report,
+    seeds_for_power,
+)
+
+AXES = {"treatment": ["method", "alpha"], "setting": ["task"], "replicate": ["seed", "split_seed"]}
+
+
+def rows_for(
+    effects: dict[tuple[str, float | None], float],
+    seeds: range | list[int] = range(20),
+    noise: float = 0.003,
+    rng_seed: int = 0,
+    task: str = "rte",
+    seed_spread: float = 0.02,
+) -> list[dict[str, Any]]:
+    """One row per (method, alpha) and seed: accuracy = 0.7 + seed effect + method effect + noise
+    (fractions: an effect of 0.01 is one point)."""
+    rng = np.random.default_rng(rng_seed)
+    seed_effect = {s: rng.normal(0, seed_spread) for s in seeds}
+    rows = []
+    for (method, alpha), effect in effects.items():
+        for s in seeds:
+            acc = 0.7 + seed_effect[s] + effect + rng.normal(0, noise)
+            rows.append(
+                {
+                    "run_id": f"{method}-{alpha}-{s}",
+                    "config_hash": f"{method}|{alpha}|{s}|{task}",
+                    "status": "ok",
+                    "method": method,
+                    "alpha": alpha,
+                    "task": task,
+                    "seed": s,
+                    "split_seed": 0,
+                    "axes": AXES,
+                    "loss_terms": ["kd", "procrustes"] if "procrustes" in method else ["kd"],
+                    "metric": "accuracy",
+                    "test.accuracy": acc,
+                    "dev.accuracy": acc + 0.01,
+                }
+            )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+# the statistics
+
+
+def test_holm_matches_a_hand_computed_example() -> None:
+    # sorted: 0.005 x4 = 0.02; 0.01 x3 = 0.03; 0.03 x2 = 0.06; 0.04 x1 = 0.04 -> raised to 0.06 (monotone)
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(holm([0.5, 0.9]), [1.0, 1.0])  # capped at 1
+    out = holm([0.02, math.nan, 0.01])  # NaN (no test) is not part of the family
+    assert math.isnan(out[1])
+    np.testing.assert_allclose(out[[0, 2]], [0.02, 0.02])
+    assert holm([]).shape == (0,)
+
+
+def test_holm_agrees_with_the_definition_on_random_p_values() -> None:
+    rng = np.random.default_rng(1)
+    p = rng.uniform(0, 0.2, size=7)
+    order = np.argsort(p)
+    m = len(p)
+    expected = np.empty(m)
+    running = 0.0
+    for rank, i in enumerate(order, start=1):
+        running = max(running, min(1.0, (m - rank + 1) * p[i]))
+        expected[i] = running
+    np.testing.assert_allclose(holm(p), expected)
+
+
+@pytest.mark.parametrize(("n", "sd"), [(5, 1.0), (10, 0.7), (20, 2.0)])
+def test_mde_has_the_stated_power_in_simulation(n: int, sd: float) -> None:
+    mde = minimum_detectable_effect(n, sd)
+    assert paired_power(n, sd, mde) == pytest.approx(0.8, abs=1e-6)
+    rng = np.random.default_rng(n)
+    diffs = rng.normal(mde, sd, size=(20_000, n))
+    t = diffs.mean(1) / (diffs.std(1, ddof=1) / math.sqrt(n))
+    rejected = np.mean(np.abs(t) > sps.t.ppf(0.975, n - 1))
+    assert rejected == pytest.approx(0.8, abs=0.015)  # binomial sd ~0.003
+
+
+def test_mde_approaches_the_normal_formula_for_many_pairs() -> None:
+    z = sps.norm.ppf(0.975) + sps.norm.ppf(0.8)
+    assert minimum_detectable_effect(2000, 1.5) == pytest.approx(z * 1.5 / math.sqrt(2000), rel=2e-3)
+    assert minimum_detectable_effect(1, 1.0) != minimum_detectable_effect(1, 1.0)  # NaN: no test
+    assert minimum_detectable_effect(10, 0.0) == 0.0
+
+
+def test_seeds_for_power() -> None:
+    # Cohen's d = 0.5 with a paired t-test needs 34 pairs for 80% power (G*Power: 34)
+    assert seeds_for_power(1.0, 0.5) == 34
+    for sd in (0.3, 1.0, 2.5):
+        n = seeds_for_power(sd, 0.5)
+        assert paired_power(n, sd, 0.5) >= 0.8 and (n == 2 or paired_power(n - 1, sd, 0.5) < 0.8)
+    assert seeds_for_power(0.0, 0.5) == 2
+    assert seeds_for_power(100.0, 0.5, max_n=1000) is None
+
+
+def test_bootstrap_interval_is_seeded_and_covers_the_mean() -> None:
+    x = np.random.default_rng(3).normal(1.0, 1.0, size=30)
+    lo, hi = bootstrap_mean_ci(x, seed=5)
+    assert (lo, hi) == bootstrap_mean_ci(x, seed=5)
+    assert lo < x.mean() < hi
+    se = x.std(ddof=1) / math.sqrt(len(x))  # close to the normal interval for n = 30
+    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.15)
+
+
+# ------------------------------------------------------------------------------------------
+# comparisons and verdicts
+
+
+def test_known_effects_give_win_tie_and_loss() -> None:
+    rows = rows_for(
+        {
+            ("kd", None): 0.0,
+            ("kd+procrustes", 1): 0.01,  # +1 point
+            ("kd+gram", 1): 0.0,  # identical in expectation
+            ("kd+cka", 1): -0.01,  # -1 point
+        }
+    )
+    a = analyse(rows, baseline="kd", resamples=2000)
+    assert a.metric == "test.accuracy"
+    by = {c.treatment["method"]: c for c in a.comparisons}
+    assert {k: c.verdict for k, c in by.items()} == {
+        "kd+procrustes": "win",
+        "kd+gram": "tie",
+        "kd+cka": "loss",
+    }
+    win = by["kd+procrustes"]
+    assert win.pairs == 20 and win.unpaired == 0
+    assert win.mean_diff == pytest.approx(1.0, abs=0.25)  # points
+    assert win.ci_low > 0 and win.p_t_holm < 0.05 and win.p_wilcoxon_holm < 0.05
+    assert by["kd+gram"].verdict_text().startswith("tie (no detectable difference; MDE = ")
+    # paired: the shared seed effect (sd 2 points) does not enter; the MDE reflects the noise only
+    assert by["kd+gram"].mde < 0.5
+    # the reported p-values are scipy's paired tests, Holm-corrected over the three comparisons
+    base = [r["test.accuracy"] * 100 for r in rows if r["method"] == "kd"]
+    p_raw = {
+        m: sps.ttest_rel([r["test.accuracy"] * 100 for r in rows if r["method"] == m], base).pvalue
+        for m in by
+    }
+    for m, c in by.items():
+        assert c.p_t == pytest.approx(p_raw[m], rel=1e-6)
+    np.testing.assert_allclose([by[m].p_t_holm for m in by], holm([p_raw[m] for m in by]))
+    groups = {g.treatment["method"]: g for g in a.groups}
+    assert groups["kd"].n == 20 and groups["kd"].mean == pytest.approx(70, abs=1.5)
+
+
+def test_identical_runs_tie_with_zero_difference() -> None:
+    rows = rows_for({("kd", None): 0.0})
+    twin = [dict(r, method="kd+procrustes", alpha=1, config_hash=r["config_hash"] + "x") for r in rows]
+    (c,) = analyse(rows + twin, resamples=500).comparisons
+    assert c.verdict == "tie" and c.mean_diff == 0 and c.p_t == 1.0 and c.p_wilcoxon == 1.0
+    assert c.verdict_text() == "tie (no detectable difference; MDE = 0.00 points)"
+
+
+def test_unpaired_runs_are_refused_clearly() -> None:
+    rows = rows_for({("kd", None): 0.0}, seeds=range(5)) + rows_for(
+        {("kd+procrustes", 1): 0.01}, seeds=range(5, 10)
+    )
+    with pytest.raises(
+        PairingError, match=r"cannot pair kd\+procrustes \(alpha=1\) with the baseline kd.*share no"
+    ):
+        analyse(rows)
+
+
+def test_partly_paired_runs_use_the_common_seeds() -> None:
+    rows = rows_for({("kd", None): 0.0, ("kd+procrustes", 1): 0.01}, seeds=range(6))
+    rows = [r for r in rows if not (r["method"] == "kd" and r["seed"] == 5)]
+    (c,) = analyse(rows, resamples=500).comparisons
+    assert c.pairs == 5 and c.unpaired == 1
+
+
+def test_single_pair_gives_no_test() -> None:
+    (c,) = analyse(rows_for({("kd", None): 0, ("kd+gram", 1): 0.01}, seeds=[0]), resamples=100).comparisons
+    assert c.verdict == "too few pairs" and math.isnan(c.p_t) and math.isnan(c.mde)
+
+
+def test_errors_name_the_problem() -> None:
+    rows = rows_for(
+        {("kd", None): 0.0, ("kd+procrustes", 1): 0.01, ("kd+procrustes", 10): 0.0}, seeds=range(3)
+    )
+    with pytest.raises(StatsError, match=r"metric 'test\.f1' is in no row"):
+        analyse(rows, metric="test.f1")
+    with pytest.raises(StatsError, match="baseline 'pkd' is not among the methods"):
+        analyse(rows, baseline="pkd")
+    with pytest.raises(StatsError, match=r"ambiguous.*--baseline 'kd\+procrustes@alpha=1'"):
+        analyse(rows, baseline="kd+procrustes")
+    a = analyse(rows, baseline="kd+procrustes@alpha=10", resamples=100)
+    assert {c.treatment["method"] for c in a.comparisons} == {"kd", "kd+procrustes"}
+    mixed = [*rows, dict(rows[0], config_hash="another", run_id="other")]
+    with pytest.raises(StatsError, match="two different runs"):
+        analyse(mixed)
+    assert analyse(rows, metric="dev.accuracy", resamples=100).metric == "dev.accuracy"
+
+
+def test_holm_family_is_per_setting_and_error_rows_are_left_out() -> None:
+    rows = rows_for({("kd", None): 0, ("kd+procrustes", 1): 0.01}, task="rte") + rows_for(
+        {("kd", None): 0, ("kd+procrustes", 1): 0.01, ("kd+gram", 1): 0.0}, task="mrpc", rng_seed=1
+    )
+    rows.append({**rows[0], "status": "error", "config_hash": "broken", "run_id": "broken-run", "error": "x"})
+    a = analyse(rows, resamples=500)
+    assert a.rows_failed == ["broken-run"]
+    rte = [c for c in a.comparisons if c.setting["task"] == "rte"]
+    mrpc = [c for c in a.comparisons if c.setting["task"] == "mrpc"]
+    assert len(rte) == 1 and rte[0].p_t_holm == pytest.approx(rte[0].p_t)  # a family of one
+    np.testing.assert_allclose([c.p_t_holm for c in mrpc], holm([c.p_t for c in mrpc]))
+
+
+# ------------------------------------------------------------------------------------------
+# the report
+
+
+def write_results(tmp_path: Path) -> Path:
+    """A sweep's results.jsonl with alpha and layer axes and per-run log.jsonl files."""
+    axes = {
+        "treatment": ["method", "alpha", "layers"],
+        "setting": ["task"],
+        "replicate": ["seed", "split_seed"],
+    }
+    effects = {("kd", None, None): 0.0}
+    for alpha in (0.1, 1, 10):
+        for layers in ("last", "uniform"):
+            effects[("kd+procrustes", alpha, layers)] = 0.004 * math.log10(alpha) + (
+                0.005 if layers == "last" else 0
+            )
+    rng = np.random.default_rng(0)
+    path = tmp_path / "sweep" / "results.jsonl"
+    for seed in range(6):
+        seed_effect = rng.normal(0, 0.02)
+        for (method, alpha, layers), effect in effects.items():
+            run_id = f"{method}-{alpha}-{layers}-{seed}"
+            out = tmp_path / "sweep" / "runs" / run_id
+            out.mkdir(parents=True)
+            terms = ["kd", "procrustes"] if alpha else ["kd"]
+            with open(out / "log.jsonl", "w") as f:
+                for step in (10, 20, 30):
+                    f.write(
+                        json.dumps({"step": step, **{f"loss/{t}": 1.0 / step + seed for t in terms}}) + "\n"
+                    )
+                f.write(json.dumps({"step": 30, "dev/accuracy": 0.7}) + "\n")
+            append_row(
+                path,
+                {
+                    "run_id": run_id,
+                    "config_hash": run_id,
+                    "status": "ok",
+                    "method": method,
+                    "alpha": alpha,
+                    "layers": layers,
+                    "task": "rotten_tomatoes",
+                    "seed": seed,
+                    "split_seed": 0,
+                    "axes": axes,
+                    "loss_terms": terms,
+                    "metric": "accuracy",
+                    "test.accuracy": 0.75 + seed_effect + effect + rng.normal(0, 0.002),
+                    "output_dir": str(out),
+                },
+            )
+    append_row(
+        path, {"run_id": "kd-dead", "config_hash": "dead", "status": "error", "method": "kd", "error": "boom"}
+    )
+    return path
+
+
+def test_report_writes_markdown_latex_and_figures(tmp_path: Path) -> None:
+    path = write_results(tmp_path)
+    a, paths = report(path, tmp_path / "report", baseline="kd", resamples=500)
+    assert len(a.comparisons) == 6 and all(c.pairs == 6 for c in a.comparisons)
+    for key in ("markdown", "latex", "json", "bars.png", "alpha.png", "layers.png", "loss_curves.png"):
+        assert paths[key].is_file() and paths[key].stat().st_size > 0, key
+    for name in ("bars.png", "alpha.png", "layers.png", "loss_curves.png"):
+        assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = paths["markdown"].read_text()
+    for text in (
+        "## Verdicts",
+        "Geometry losses (objectives with a Procrustes, Gram or CKA term) against kd: win in",
+        "## Results per group",
+        "## Differences to kd",
+        "## Statistical power",
+        "MDE (points)",
+        "seeds for 80% power at 0.5",
+        "![",
+        "kd-dead",
+        "paired on (seed, split_seed)",
+    ):
+        assert text in md, text
+    kd_mean = np.mean([g.mean for g in a.groups if g.treatment["method"] == "kd"])
+    assert f"{kd_mean:.2f} ± " in md  # percentages with 2 decimals
+    tex = paths["latex"].read_text()
+    assert (
+        r"\begin{tabular}" in tex
+        and r"\toprule" in tex
+        and r"kd+procrustes" in tex
+        and r"test.accuracy (\%)" in tex
+    )
+    summary = json.loads(paths["json"].read_text())
+    assert {c["verdict"] for c in summary["comparisons"]} <= {"win", "tie", "loss"}
+    assert summary["failed_runs"] == ["kd-dead"]
+
+
+def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from geodistill.cli import main
+
+    path = write_results(tmp_path)
+    assert main(["report", str(path), "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "method=kd+procrustes, alpha=10, layers=last" in out and "pairs" in out
+    assert (tmp_path / "r" / "report.md").is_file()
+    assert main(["report", str(path), "--metric", "test.f1"]) == 2
+    assert "test.f1" in capsys.readouterr().err
