@@ -74,8 +74,16 @@ def _check_matrix(x: Tensor, name: str) -> None:
         raise ValueError(f"{name} needs at least 2 rows (samples) to be centred, got shape {tuple(x.shape)}")
     if x.shape[1] < 1:
         raise ValueError(f"{name} needs at least 1 column, got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} of shape {tuple(x.shape)} contains NaN or infinite values")
+    # finiteness is checked in _centre, from the column sums it computes anyway (a full scan costs
+    # as much as a GEMM pass at large n)
+
+
+def _nonfinite_error(x: Tensor, name: str) -> ValueError:
+    if bool(torch.isfinite(x).all()):  # the column sum overflowed: finite but absurdly large values
+        return ValueError(
+            f"{name} of shape {tuple(x.shape)} has values too large to sum (|x| ~ {float(x.abs().max()):.3g})"
+        )
+    return ValueError(f"{name} of shape {tuple(x.shape)} contains NaN or infinite values")
 
 
 def _check_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -106,23 +114,20 @@ class _SafeSqrt(torch.autograd.Function):
         return torch.where(r > 0, g / (2 * r.clamp_min(torch.finfo(r.dtype).tiny)), torch.zeros_like(g))
 
 
-def _centre(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Column-centre ``x`` (n, d) and return ``(x - mean, ||x - mean||_F)``.
+def _centre(x: Tensor, name: str = "x") -> tuple[Tensor, Tensor]:
+    """Column-centre ``x`` (n, d) and return ``(x - mean, ||x - mean||_F)`` (the norm in float64).
 
-    The mean is accumulated in float64 and subtracted as a float32 pair (hi + lo), so the centred
-    entries carry only their own rounding error even when the offset dwarfs the spread. The norm
-    is returned in float64. Both stay on the autograd graph.
+    Sums use torch's cascade summation (relative error ~1e-7 in float32, whatever n), which keeps
+    the fast path within the exactness bound wherever it is used; the small-distance regime is
+    recomputed from float64 inputs by the callers. A NaN or inf anywhere makes its column sum
+    non-finite: that is the input check, at no extra pass. Both outputs stay on the autograd graph.
     """
-    mean = x.sum(dim=0, keepdim=True, dtype=_F64) / x.shape[0]
-    if x.dtype == _F64:
-        xc = x - mean
-    else:
-        hi = mean.to(x.dtype)
-        lo = (mean - hi.to(_F64)).to(x.dtype)
-        xc = (x - hi) - lo
-    # squares in float64 (a float32 square rounds, and at D ~ 1e-8 that shows); sqrt with a zero
-    # subgradient at 0, so a constant input gives zeros, not NaN gradients
-    return xc, _SafeSqrt.apply(xc.to(_F64).square().sum())
+    colsum = x.sum(dim=0, keepdim=True)
+    if not bool(torch.isfinite(colsum).all()):
+        raise _nonfinite_error(x, name)
+    xc = x - colsum / x.shape[0]
+    # sqrt with a zero subgradient at 0, so a constant input gives zeros, not NaN gradients
+    return xc, _SafeSqrt.apply(xc.square().sum().to(_F64))
 
 
 def center(x: Tensor) -> Tensor:
@@ -180,18 +185,19 @@ def _svd_by_eigh(a: Tensor, depth: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     return s, b, v
 
 
-def _nuclear_and_polar(m: Tensor) -> tuple[Tensor, Tensor]:
+def _nuclear_and_polar(m: Tensor, polar_dtype: torch.dtype = _F64) -> tuple[Tensor, Tensor]:
     """``(||m||_*, U V^T)`` of a float64 matrix ``m`` (k1, k2).
 
     The polar factor keeps only singular values above ``max(k1, k2) * eps * s_max`` (the rest
     are zero to working precision); any such choice is a valid (sub)gradient of the nuclear norm.
+    It is only a gradient, so its last GEMM runs in ``polar_dtype`` (the caller's precision).
     """
     transpose = m.shape[0] < m.shape[1]
     a = m.mT if transpose else m
     s, b, v = _svd_by_eigh(a)
     tol = max(a.shape) * _EPS64 * s.max()
     inv = torch.where(s > tol, 1.0 / s.clamp_min(torch.finfo(_F64).tiny), torch.zeros_like(s))
-    polar = (b * inv) @ v.mT  # (p, q) = U V^T on the numerical range
+    polar = (b * inv).to(polar_dtype) @ v.to(polar_dtype).mT  # (p, q) = U V^T on the numerical range
     return s.sum(), polar.mT if transpose else polar
 
 
@@ -293,7 +299,7 @@ class _NuclearNorm(torch.autograd.Function):
         result = _newton_schulz_nuclear_and_polar(m.detach()) if _use_newton_schulz(m) else None
         if result is None:
             dev = _decomposition_device(m.device)
-            result = _nuclear_and_polar(m.detach().to(device=dev, dtype=_F64))
+            result = _nuclear_and_polar(m.detach().to(device=dev, dtype=_F64), polar_dtype=m.dtype)
         nuc, polar = result
         ctx.save_for_backward(polar.to(device=m.device, dtype=m.dtype))
         return nuc.to(m.device)
@@ -407,8 +413,8 @@ def procrustes_distance(x: Tensor, y: Tensor, *, angular: bool = False) -> Tenso
 
 
 def _procrustes(x: Tensor, y: Tensor) -> Tensor:
-    xc, nx = _centre(x)
-    yc, ny = _centre(y)
+    xc, nx = _centre(x, "x")
+    yc, ny = _centre(y, "y")
     return 2.0 - 2.0 * _safe_ratio(_nuclear_norm_xty(xc, yc), nx * ny)
 
 
@@ -435,8 +441,8 @@ def gram_distance(x: Tensor, y: Tensor) -> Tensor:
 
 def _gram(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """``(D_FG, ||X~^T X~||^2 + ||Y~^T Y~||^2)`` in float64 from products in ``x.dtype``."""
-    xc, nx = _centre(x)
-    yc, ny = _centre(y)
+    xc, nx = _centre(x, "x")
+    yc, ny = _centre(y, "y")
     nx2, ny2 = nx.square(), ny.square()
     xx = _safe_ratio(_sq_fro(xc.mT @ xc), nx2.square())
     yy = _safe_ratio(_sq_fro(yc.mT @ yc), ny2.square())
@@ -465,8 +471,8 @@ def _cka(x: Tensor, y: Tensor) -> Tensor:
 
 
 def _cka_value(x: Tensor, y: Tensor) -> Tensor:
-    xc, _ = _centre(x)
-    yc, _ = _centre(y)
+    xc, _ = _centre(x, "x")
+    yc, _ = _centre(y, "y")
     xy = _sq_fro(xc.mT @ yc)
     den = torch.linalg.vector_norm(xc.mT @ xc, dtype=_F64) * torch.linalg.vector_norm(yc.mT @ yc, dtype=_F64)
     return _safe_ratio(xy, den)
