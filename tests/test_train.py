@@ -285,15 +285,18 @@ def test_output_dir_holding_another_run(assets, tmp_path) -> None:
 
 
 def test_every_shipped_config_loads() -> None:
+    """Run configs load strictly and round-trip; sweep configs load and expand (both plain and --quick)."""
     from geodistill.cli import CONFIG_DIR, shipped_configs
+    from geodistill.config import read_yaml
+    from geodistill.experiments import expand, load_sweep
 
     names = shipped_configs()
-    assert "demo" in names
+    assert {"demo", "instruct/quick", "experiments/alpha"} <= set(names)
     for name in names:
-        data = (
-            load_config(DistillConfig, CONFIG_DIR / f"{name}.yaml")
-            if not name.startswith("sweeps/")
-            else None
-        )
-        if data is not None:
-            assert to_dict(from_dict(DistillConfig, to_dict(data))) == to_dict(data)
+        path = CONFIG_DIR / f"{name}.yaml"
+        if "methods" in read_yaml(path):
+            sweep = load_sweep(path)
+            assert len(expand(sweep)) > len(expand(sweep, quick=True)) > 0, name
+        else:
+            cfg = load_config(DistillConfig, path)
+            assert to_dict(from_dict(DistillConfig, to_dict(cfg))) == to_dict(cfg), name

@@ -80,7 +80,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from geodistill.evaluate_model import evaluate_saved
 
     cfg = _load(args)
-    metrics = evaluate_saved(args.model, cfg, splits=args.split)
+    metrics = evaluate_saved(
+        args.model, cfg, splits=args.split, progress=not args.quiet, predictions_dir=args.predictions
+    )
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -199,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model directory (e.g. runs/x/best) or name")
     _config_args(p)
     p.add_argument(
-        "--split", action="append", choices=["train", "dev", "test"], help="splits (default dev and test)"
+        "--split", action="append", help="splits or evaluation-set names (default dev and test); repeatable"
+    )
+    p.add_argument(
+        "--predictions", default=None, help="instruction tasks: write generated answers to this directory"
     )
     p.set_defaults(func=_cmd_eval)
 

@@ -78,6 +78,26 @@ class DataConfig:
         "instruction tasks: truncate prompts (from the left) to this many tokens", default=384
     )
     max_per_task: int | None = _help("instruction tasks: cap on training instances per task", default=None)
+    eval_sets: Any = _help(
+        "instruction tasks: extra evaluation sets scored with the test split: {name: hub name | load_dataset "
+        "args | .jsonl path}, or 'minillm' (Dolly, SelfInst, Vicuna, S-NI, UnNI)",
+        default=None,
+    )
+    eval_decoding: Literal["greedy", "sample"] = _help(
+        "instruction tasks: decoding of test and evaluation sets (dev selection is always greedy)",
+        default="greedy",
+    )
+    eval_temperature: float = _help("instruction tasks, eval_decoding=sample: temperature", default=1.0)
+    eval_top_p: float = _help("instruction tasks, eval_decoding=sample: nucleus mass (1 = none)", default=1.0)
+    eval_seeds: tuple[int, ...] | None = _help(
+        "instruction tasks, eval_decoding=sample: one run per seed, metrics averaged (default 10, 20, 30, 40, 50)",
+        default=None,
+    )
+    answers: Literal["reference", "teacher"] = _help(
+        "instruction tasks: train on reference answers, or on the teacher's greedy answers (sequence-level KD, "
+        "generated once and cached)",
+        default="reference",
+    )
 
 
 @dataclass(frozen=True)
@@ -87,7 +107,8 @@ class ModelConfig:
     name: str = _help("offline name, hub name or local directory", default="minilm-l6")
     finetune: bool = _help(
         "fine-tune this (teacher) model on the task first, cached and reused across runs "
-        "(needed when the checkpoint has no head for the task)",
+        "(needed when the checkpoint has no head for the task); instruction tasks: SFT on the answers "
+        "first (false for an instruction-tuned teacher)",
         default=True,
     )
     dtype: Literal["float32", "bfloat16", "float16"] = _help(
@@ -181,7 +202,9 @@ class TrainConfig:
         "dev metric for best-checkpoint selection (default: the task's metric)", default=None
     )
     cache_teacher: bool = _help(
-        "compute teacher logits and tapped features once per example and reuse them", default=True
+        "compute teacher logits and tapped features once per example and reuse them "
+        "(classification only; LM teachers run live)",
+        default=True,
     )
     num_workers: int = _help("DataLoader worker processes", default=0)
     device: str | None = _help("force a device (cpu, cuda, mps); default: Accelerate's choice", default=None)

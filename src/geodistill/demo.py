@@ -40,7 +40,9 @@ def _slug(label: str) -> str:
     return label.lower().replace(" + ", "+").replace(" (no teacher)", "").replace(" ", "-")
 
 
-def run_demo(out_dir: Path, *, quick: bool = False, progress: bool = True, overrides: list[str] | None = None) -> dict[str, Any]:
+def run_demo(
+    out_dir: Path, *, quick: bool = False, progress: bool = True, overrides: list[str] | None = None
+) -> dict[str, Any]:
     """Run the demo into ``out_dir``; print and return the table's rows (also in results.json)."""
     from geodistill.cli import CONFIG_DIR
     from geodistill.finetune import finetuned_teacher
@@ -52,20 +54,37 @@ def run_demo(out_dir: Path, *, quick: bool = False, progress: bool = True, overr
 
     teacher_dir = finetuned_teacher(base, progress=progress)
     teacher = json.loads((teacher_dir.parent / "results.json").read_text())
-    rows: list[dict[str, Any]] = [{
-        "method": f"teacher ({base.teacher.name}, fine-tuned)", "dev": teacher["dev"]["accuracy"],
-        "test": teacher["test"]["accuracy"], "seconds_per_step": teacher["seconds_per_step"],
-        "parameters": teacher.get("student_parameters"), "dir": str(teacher_dir),
-    }]
+    rows: list[dict[str, Any]] = [
+        {
+            "method": f"teacher ({base.teacher.name}, fine-tuned)",
+            "dev": teacher["dev"]["accuracy"],
+            "test": teacher["test"]["accuracy"],
+            "seconds_per_step": teacher["seconds_per_step"],
+            "parameters": teacher.get("student_parameters"),
+            "dir": str(teacher_dir),
+        }
+    ]
     for label, losses in METHODS.items():
         cfg = replace(base, losses=losses, output_dir=str(out_dir / _slug(label)))
         if progress:
             print(f"\n== {label}")
         res = distill(cfg, progress=progress)
-        rows.append({"method": label, "dev": res["dev"]["accuracy"], "test": res["test"]["accuracy"],
-                     "seconds_per_step": res["seconds_per_step"], "parameters": res["student_parameters"],
-                     "dir": res["student_dir"]})
-    summary = {"rows": rows, "config": str(CONFIG_DIR / "demo.yaml"), "quick": quick, "overrides": list(overrides or [])}
+        rows.append(
+            {
+                "method": label,
+                "dev": res["dev"]["accuracy"],
+                "test": res["test"]["accuracy"],
+                "seconds_per_step": res["seconds_per_step"],
+                "parameters": res["student_parameters"],
+                "dir": res["student_dir"],
+            }
+        )
+    summary = {
+        "rows": rows,
+        "config": str(CONFIG_DIR / "demo.yaml"),
+        "quick": quick,
+        "overrides": list(overrides or []),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
     table = format_table(rows, base)
@@ -88,5 +107,7 @@ def format_table(rows: list[dict[str, Any]], cfg: DistillConfig) -> str:
     for r in rows:
         ratio = f"{r['seconds_per_step'] / kd:.2f}x" if kd and not r["method"].startswith("teacher") else ""
         params = f"{r['parameters'] / 1e6:.1f} M" if r.get("parameters") else ""
-        lines.append(f"| {r['method']} | {100 * r['dev']:.2f} | {100 * r['test']:.2f} | {r['seconds_per_step']:.3f} | {ratio} | {params} |")
+        lines.append(
+            f"| {r['method']} | {100 * r['dev']:.2f} | {100 * r['test']:.2f} | {r['seconds_per_step']:.3f} | {ratio} | {params} |"
+        )
     return "\n".join(lines)

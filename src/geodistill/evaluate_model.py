@@ -32,15 +32,20 @@ def _classification_task(
 
 
 def evaluate_saved(
-    model: str, cfg: DistillConfig, splits: list[str] | None = None
+    model: str,
+    cfg: DistillConfig,
+    splits: list[str] | None = None,
+    *,
+    progress: bool = True,
+    predictions_dir: str | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Metrics of a saved classifier (directory, offline or hub name) on the config's dataset."""
+    """Metrics of a saved model (directory, offline or hub name) on the config's dataset."""
     from geodistill import models
 
     if cfg.task != "classification":
         from geodistill.instruct import evaluate_saved_lm
 
-        return evaluate_saved_lm(model, cfg, splits)
+        return evaluate_saved_lm(model, cfg, splits, predictions_dir=predictions_dir, progress=progress)
     tok = models.load_tokenizer(model)
     task = _classification_task(cfg, tok)
     net = models.load_classifier(model, num_labels=task.num_labels, label_names=list(task.data.label_names))

@@ -44,7 +44,9 @@ def _up(t: Tensor) -> Tensor:
 
 def ce_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     """Cross-entropy on labels, mean over non-ignored positions. ``logits`` (..., C), ``labels`` (...)."""
-    return F.cross_entropy(_up(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)
+    return F.cross_entropy(
+        _up(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index
+    )
 
 
 def _kl_rows(s: Tensor, t: Tensor, temperature: float, reverse: bool) -> Tensor:

@@ -270,7 +270,7 @@ def quiet_libraries() -> None:
     import transformers
 
     datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # also "Writing model shards" in save_pretrained
 
 
 def seed_everything(seed: int) -> None:
@@ -298,7 +298,7 @@ def setup(
     if cfg.task != "classification":
         from geodistill.instruct import setup_instruction
 
-        return setup_instruction(cfg, terms, kind=kind, progress=progress)
+        return setup_instruction(cfg, terms, kind=kind, progress=progress, teacher_override=teacher_override)
     tcfg = cfg.train
     data = load_classification(
         cfg.data.name,
@@ -374,23 +374,7 @@ def setup(
     )
 
     # feature taps: layer pairs checked against both models
-    pairs: dict[str, tuple[tuple[int, int], ...]] = {}
-    for i, term in enumerate(terms):
-        if term.spec.inputs != "features":
-            continue
-        if teacher is None:
-            raise ConfigError(f"losses[{i}] ({term.name}) needs a teacher")
-        try:
-            pairs[term.key] = resolve_layer_pairs(
-                term.options["layers"],
-                models.num_layers(student_model),
-                models.num_layers(teacher),
-                where=f"losses[{i}].layers",
-            )
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-        if term.options["pooling"] == "tokens" and task.separate_teacher_inputs:
-            raise ConfigError(f"losses[{i}].pooling: 'tokens' needs student and teacher to share a tokenizer")
+    pairs = feature_pairs(terms, student_model, teacher, separate_teacher_inputs=task.separate_teacher_inputs)
     if teacher is not None:
         for i, term in enumerate(terms):
             if term.name == "kd" and teacher.config.num_labels != student_model.config.num_labels:
@@ -424,6 +408,36 @@ def setup(
             progress=progress,
         )
     return run
+
+
+def feature_pairs(
+    terms: tuple[LossTerm, ...],
+    student_model: nn.Module,
+    teacher: nn.Module | None,
+    *,
+    separate_teacher_inputs: bool = False,
+) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Layer pairs of every feature term, checked against both models; errors name the loss entry."""
+    from geodistill import models
+
+    pairs: dict[str, tuple[tuple[int, int], ...]] = {}
+    for i, term in enumerate(terms):
+        if term.spec.inputs != "features":
+            continue
+        if teacher is None:
+            raise ConfigError(f"losses[{i}] ({term.name}) needs a teacher")
+        try:
+            pairs[term.key] = resolve_layer_pairs(
+                term.options["layers"],
+                models.num_layers(student_model),
+                models.num_layers(teacher),
+                where=f"losses[{i}].layers",
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        if term.options["pooling"] == "tokens" and separate_teacher_inputs:
+            raise ConfigError(f"losses[{i}].pooling: 'tokens' needs student and teacher to share a tokenizer")
+    return pairs
 
 
 def _model_fingerprint(name: str) -> str:
@@ -512,6 +526,10 @@ def train(
         return json.loads((out / "results.json").read_text())
 
     train_set = run.task.dataset("train")
+    if len(train_set) == 0:
+        raise ConfigError(
+            f"data.name: the training split of {run.cfg.data.name!r} is empty (after subsampling and filtering)"
+        )
     sampler = EpochSampler(len(train_set), cfg.seed)
     # its own generator: iter(DataLoader) otherwise draws a seed from the global RNG, which would
     # shift the dropout stream of a resumed run
