@@ -273,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        _close_process_group()
+        return code
     except (ConfigError, AssetError, ValueError, FileNotFoundError) as e:
         # config and input errors (data files, labels, layer indices): one line naming the culprit;
         # GEODISTILL_DEBUG=1 shows the traceback
@@ -281,6 +283,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"geodistill {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _close_process_group() -> None:
+    """Under torchrun / accelerate launch: let every rank finish before the group is torn down."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -53,6 +53,11 @@ def _slug(name: str) -> str:
 @contextlib.contextmanager
 def _locked(path: Path) -> Any:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # under torchrun / accelerate launch every rank takes part in the one fine-tuning run (a
+        # lock would let one rank start DDP collectives the others never join)
+        yield
+        return
     with open(path, "w") as f:
         try:
             import fcntl

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -114,20 +115,33 @@ class _SafeSqrt(torch.autograd.Function):
         return torch.where(r > 0, g / (2 * r.clamp_min(torch.finfo(r.dtype).tiny)), torch.zeros_like(g))
 
 
-def _centre(x: Tensor, name: str = "x") -> tuple[Tensor, Tensor]:
+Reduce = Callable[[Tensor], Tensor]
+
+
+def _centre(
+    x: Tensor, name: str = "x", reduce: Reduce | None = None, n: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Column-centre ``x`` (n, d) and return ``(x - mean, ||x - mean||_F)`` (the norm in float64).
 
     Sums use torch's cascade summation (relative error ~1e-7 in float32, whatever n), which keeps
     the fast path within the exactness bound wherever it is used; the small-distance regime is
     recomputed from float64 inputs by the callers. A NaN or inf anywhere makes its column sum
     non-finite: that is the input check, at no extra pass. Both outputs stay on the autograd graph.
+
+    ``reduce`` (with ``n``, the total row count) sums over samples held elsewhere, e.g. an
+    all-reduce across data-parallel ranks: ``x`` is then this process's shard of the rows.
     """
     colsum = x.sum(dim=0, keepdim=True)
+    if reduce is not None:
+        colsum = reduce(colsum)
     if not bool(torch.isfinite(colsum).all()):
         raise _nonfinite_error(x, name)
-    xc = x - colsum / x.shape[0]
+    xc = x - colsum / (n if reduce is not None else x.shape[0])
+    sq = xc.square().sum()
+    if reduce is not None:
+        sq = reduce(sq)
     # sqrt with a zero subgradient at 0, so a constant input gives zeros, not NaN gradients
-    return xc, _SafeSqrt.apply(xc.square().sum().to(_F64))
+    return xc, _SafeSqrt.apply(sq.to(_F64))
 
 
 def center(x: Tensor) -> Tensor:
@@ -403,23 +417,38 @@ def procrustes_distance(x: Tensor, y: Tensor, *, angular: bool = False) -> Tenso
     arXiv:2509.25253; Williams et al. (2021).
     """
     x, y = _check_pair(x, y)
-    dist = _procrustes(x, y)
+    return _procrustes_distance(x, y, angular=angular).to(x.dtype)
+
+
+def _procrustes_distance(
+    x: Tensor, y: Tensor, *, angular: bool = False, reduce: Reduce | None = None, n: int | None = None
+) -> Tensor:
+    """Body of :func:`procrustes_distance` on checked inputs; ``reduce``/``n`` as in :func:`_centre`."""
+    dist = _procrustes(x, y, reduce, n)
     if x.dtype != _F64 and float(dist.detach()) < _REFINE_BELOW * 2.0:
-        dist = _procrustes(x.to(_F64), y.to(_F64))
+        dist = _procrustes(x.to(_F64), y.to(_F64), reduce, n)
     dist = _clamp_keep_grad(dist, 0.0, 2.0)
     if angular:
         dist = 2.0 * torch.asin((_SafeSqrt.apply(dist) / 2.0).clamp_max(math.sqrt(0.5)))
-    return dist.to(x.dtype)
+    return dist
 
 
-def _procrustes(x: Tensor, y: Tensor) -> Tensor:
-    xc, nx = _centre(x, "x")
-    yc, ny = _centre(y, "y")
-    return 2.0 - 2.0 * _safe_ratio(_nuclear_norm_xty(xc, yc), nx * ny)
+def _procrustes(x: Tensor, y: Tensor, reduce: Reduce | None = None, n: int | None = None) -> Tensor:
+    xc, nx = _centre(x, "x", reduce, n)
+    yc, ny = _centre(y, "y", reduce, n)
+    # with reduce: the d_s x d_t cross-covariance summed over every process's rows
+    nuc = _nuclear_norm_xty(xc, yc) if reduce is None else _NuclearNorm.apply(reduce(xc.mT @ yc))
+    return 2.0 - 2.0 * _safe_ratio(nuc, nx * ny)
 
 
 def _sq_fro(m: Tensor) -> Tensor:
     return torch.linalg.vector_norm(m, dtype=_F64).square()
+
+
+def _products(xc: Tensor, yc: Tensor, reduce: Reduce | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(X^T X, Y^T Y, X^T Y)`` of centred inputs, summed by ``reduce`` when given."""
+    out = (xc.mT @ xc, yc.mT @ yc, xc.mT @ yc)
+    return out if reduce is None else tuple(reduce(m) for m in out)  # type: ignore[return-value]
 
 
 def gram_distance(x: Tensor, y: Tensor) -> Tensor:
@@ -433,20 +462,26 @@ def gram_distance(x: Tensor, y: Tensor) -> Tensor:
     Paper: D_FG in arXiv:2509.25253.
     """
     x, y = _check_pair(x, y)
-    dist, scale = _gram(x, y)
+    return _gram_distance(x, y).to(x.dtype)
+
+
+def _gram_distance(x: Tensor, y: Tensor, *, reduce: Reduce | None = None, n: int | None = None) -> Tensor:
+    """Body of :func:`gram_distance` on checked inputs; ``reduce``/``n`` as in :func:`_centre`."""
+    dist, scale = _gram(x, y, reduce, n)
     if x.dtype != _F64 and float(dist.detach()) < _REFINE_BELOW * float(scale):
-        dist, _ = _gram(x.to(_F64), y.to(_F64))
-    return _clamp_keep_grad(dist, 0.0, 2.0).to(x.dtype)
+        dist, _ = _gram(x.to(_F64), y.to(_F64), reduce, n)
+    return _clamp_keep_grad(dist, 0.0, 2.0)
 
 
-def _gram(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def _gram(x: Tensor, y: Tensor, reduce: Reduce | None = None, n: int | None = None) -> tuple[Tensor, Tensor]:
     """``(D_FG, ||X~^T X~||^2 + ||Y~^T Y~||^2)`` in float64 from products in ``x.dtype``."""
-    xc, nx = _centre(x, "x")
-    yc, ny = _centre(y, "y")
+    xc, nx = _centre(x, "x", reduce, n)
+    yc, ny = _centre(y, "y", reduce, n)
+    a, b, c = _products(xc, yc, reduce)
     nx2, ny2 = nx.square(), ny.square()
-    xx = _safe_ratio(_sq_fro(xc.mT @ xc), nx2.square())
-    yy = _safe_ratio(_sq_fro(yc.mT @ yc), ny2.square())
-    xy = _safe_ratio(_sq_fro(xc.mT @ yc), nx2 * ny2)
+    xx = _safe_ratio(_sq_fro(a), nx2.square())
+    yy = _safe_ratio(_sq_fro(b), ny2.square())
+    xy = _safe_ratio(_sq_fro(c), nx2 * ny2)
     return xx + yy - 2.0 * xy, (xx + yy).detach()
 
 
@@ -463,19 +498,20 @@ def cka(x: Tensor, y: Tensor) -> Tensor:
     return _cka(x, y).to(x.dtype)
 
 
-def _cka(x: Tensor, y: Tensor) -> Tensor:
-    sim = _cka_value(x, y)
-    if x.dtype != _F64 and 1.0 - float(sim.detach()) < _REFINE_BELOW:  # 1 - cka would cancel
-        sim = _cka_value(x.to(_F64), y.to(_F64))
+def _cka(x: Tensor, y: Tensor, *, reduce: Reduce | None = None, n: int | None = None) -> Tensor:
+    """Linear CKA on checked inputs, refined where ``1 - cka`` would cancel."""
+    sim = _cka_value(x, y, reduce, n)
+    if x.dtype != _F64 and 1.0 - float(sim.detach()) < _REFINE_BELOW:
+        sim = _cka_value(x.to(_F64), y.to(_F64), reduce, n)
     return _clamp_keep_grad(sim, 0.0, 1.0)
 
 
-def _cka_value(x: Tensor, y: Tensor) -> Tensor:
-    xc, _ = _centre(x, "x")
-    yc, _ = _centre(y, "y")
-    xy = _sq_fro(xc.mT @ yc)
-    den = torch.linalg.vector_norm(xc.mT @ xc, dtype=_F64) * torch.linalg.vector_norm(yc.mT @ yc, dtype=_F64)
-    return _safe_ratio(xy, den)
+def _cka_value(x: Tensor, y: Tensor, reduce: Reduce | None = None, n: int | None = None) -> Tensor:
+    xc, _ = _centre(x, "x", reduce, n)
+    yc, _ = _centre(y, "y", reduce, n)
+    a, b, c = _products(xc, yc, reduce)
+    den = torch.linalg.vector_norm(a, dtype=_F64) * torch.linalg.vector_norm(b, dtype=_F64)
+    return _safe_ratio(_sq_fro(c), den)
 
 
 def cka_distance(x: Tensor, y: Tensor) -> Tensor:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from geodistill import __version__
 from geodistill.config import ConfigError, DistillConfig, TrainConfig, config_hash, to_dict
+from geodistill.distributed import global_distance, is_distributed
 from geodistill.features import resolve_layer_pairs
 from geodistill.losses import LossTerm, _up, resolve_losses
 from geodistill.tasks import Outputs, Tap
@@ -110,6 +111,7 @@ class Objective:
 
     terms: tuple[LossTerm, ...]
     pairs: dict[str, tuple[tuple[int, int], ...]]
+    collectives: dict[str, str] = field(default_factory=dict)  # global terms: route and bytes moved
 
     @property
     def needs_teacher(self) -> bool:
@@ -158,9 +160,24 @@ class Objective:
         values = {}
         for term in self.coupled:
             pooling = term.options["pooling"]
-            vals = [term(s_feats[(a, pooling)], t_feats[(b, pooling)]) for a, b in self.pairs[term.key]]
+            vals = [
+                self._coupled(term, s_feats[(a, pooling)], t_feats[(b, pooling)], f"{term.key} {a}->{b}")
+                for a, b in self.pairs[term.key]
+            ]
             values[term.key] = torch.stack(vals).mean()
         return values
+
+    def _coupled(self, term: LossTerm, x: Tensor, y: Tensor, label: str) -> Tensor:
+        """One geometry term; under data parallelism with ``scope: global``, over the global batch."""
+        if term.options.get("scope") == "global" and is_distributed():
+            return global_distance(
+                term.name,
+                x,
+                y,
+                angular=bool(term.options.get("angular", False)),
+                on_plan=lambda p: self.collectives.setdefault(label, p.describe()),
+            )
+        return term(x, y)
 
     def total(self, values: dict[str, Tensor]) -> Tensor:
         return sum(term.weight * values[term.key] for term in self.terms if term.key in values)  # type: ignore[return-value]
@@ -191,6 +208,34 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """Micro-batches of an :class:`EpochSampler` order, dealt round-robin to data-parallel ranks.
+
+    With ``world`` ranks, rank ``r`` gets batches ``r, r + world, ...`` of the single-process
+    order, so one step of ``world`` ranks x batch ``b`` sees exactly the examples of one
+    single-process step with batch ``world x b``. Trailing batches that cannot go to every rank
+    are dropped (every rank must take the same number of steps); with one process nothing is.
+    """
+
+    def __init__(self, sampler: EpochSampler, batch_size: int, rank: int = 0, world: int = 1) -> None:
+        self.sampler, self.batch_size, self.rank, self.world = sampler, batch_size, rank, world
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def _all(self) -> list[list[int]]:
+        order = list(self.sampler)
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._all()
+        usable = len(batches) // self.world * self.world
+        return iter(batches[self.rank : usable : self.world])
+
+    def __len__(self) -> int:
+        return math.ceil(self.sampler.n / self.batch_size) // self.world
 
 
 # ------------------------------------------------------------------------------------------
@@ -225,27 +270,36 @@ def _git_revision() -> str | None:
 
 
 def _check_output_dir(out: Path, cfg: DistillConfig, kind: str) -> None:
-    """Refuse a directory that holds another run's files (unless overwrite)."""
+    """Refuse a directory that holds another run's files (unless overwrite).
+
+    Every data-parallel rank checks (so all raise alike); only the main process deletes, and all
+    wait for it before anyone writes.
+    """
+    state = process_state(cfg.train)
+    if _output_dir_action(out, cfg, kind) == "overwrite" and state.is_main_process:
+        shutil.rmtree(out)
+    state.wait_for_everyone()
+
+
+def _output_dir_action(out: Path, cfg: DistillConfig, kind: str) -> str:
     run_file = out / "run.json"
     if not out.exists() or not any(out.iterdir()):
-        return
+        return "fresh"
     if run_file.exists():
         try:
             prior = json.loads(run_file.read_text())
         except (OSError, json.JSONDecodeError):
             prior = {}
         if prior.get("config_hash") == config_hash(cfg) and prior.get("kind") == kind:
-            return  # the same run: resume it
+            return "resume"
         if cfg.overwrite:
-            shutil.rmtree(out)
-            return
+            return "overwrite"
         raise ConfigError(
             f"output_dir {out} holds another run (config hash {prior.get('config_hash')}, this one "
             f"{config_hash(cfg)}); choose another output_dir or --set overwrite=true"
         )
     if cfg.overwrite:
-        shutil.rmtree(out)
-        return
+        return "overwrite"
     raise ConfigError(
         f"output_dir {out} is not empty and holds no geodistill run; choose another output_dir or --set overwrite=true"
     )
@@ -398,15 +452,16 @@ def setup(
     if teacher is not None and tcfg.cache_teacher:
         taps = objective.teacher_taps()
         key = {"teacher": _model_fingerprint(teacher_name), "task": task.cache_key(), "taps": taps}
-        run.teacher_cache = TeacherCache.build(
-            task,
-            teacher,
-            taps,
-            batch_size=tcfg.eval_batch_size,
-            device=torch.device("cpu") if tcfg.device is None else torch.device(tcfg.device),
-            path=cache_file("teacher_outputs", key),
-            progress=progress,
-        )
+        with process_state(tcfg).main_process_first():  # computed once, then read by the other ranks
+            run.teacher_cache = TeacherCache.build(
+                task,
+                teacher,
+                taps,
+                batch_size=tcfg.eval_batch_size,
+                device=torch.device("cpu") if tcfg.device is None else torch.device(tcfg.device),
+                path=cache_file("teacher_outputs", key),
+                progress=progress,
+            )
     return run
 
 
@@ -501,10 +556,23 @@ def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _use_cpu(cfg: TrainConfig) -> bool:
+    return cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
+
+
+def process_state(cfg: TrainConfig):
+    """Accelerate's process state (initialises the process group under torchrun / accelerate
+    launch). It must be created with the same device choice as the Accelerator: Accelerate only
+    recognises a multi-process CPU (gloo) launch when told ``cpu=True``."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=_use_cpu(cfg))
+
+
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
-    cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
+    cpu = _use_cpu(cfg)
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if (not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()) else "no"
@@ -520,8 +588,6 @@ def train(
         torch.set_num_threads(cfg.threads)
     acc = _accelerator(cfg)
     device = acc.device
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps(run.metadata, indent=2, default=str))
     if (out / "results.json").exists():
         return json.loads((out / "results.json").read_text())
 
@@ -530,13 +596,18 @@ def train(
         raise ConfigError(
             f"data.name: the training split of {run.cfg.data.name!r} is empty (after subsampling and filtering)"
         )
-    sampler = EpochSampler(len(train_set), cfg.seed)
+    batches = ShardedBatches(
+        EpochSampler(len(train_set), cfg.seed), cfg.batch_size, acc.process_index, acc.num_processes
+    )
+    if len(batches) == 0:
+        raise ConfigError(
+            f"train.batch_size: {len(train_set)} training examples make no batch for each of {acc.num_processes} processes"
+        )
     # its own generator: iter(DataLoader) otherwise draws a seed from the global RNG, which would
     # shift the dropout stream of a resumed run
     loader = DataLoader(
         train_set,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
+        batch_sampler=batches,
         collate_fn=run.task.collate,
         num_workers=cfg.num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),
@@ -572,11 +643,18 @@ def train(
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         state = blob["progress"]
-        _set_rng_state(blob["rng"])
-        _truncate_log(out / "log.jsonl", state["step"])
+        rngs = blob["rng"] if isinstance(blob["rng"], list) else [blob["rng"]]
+        _set_rng_state(rngs[acc.process_index] if len(rngs) == acc.num_processes else rngs[0])
     else:
         seed_everything(cfg.seed + 1)  # the dropout stream: the same for every method with this seed
-        (out / "log.jsonl").unlink(missing_ok=True)
+    acc.wait_for_everyone()  # every rank has read the checkpoint before the main process writes
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps(run.metadata, indent=2, default=str))
+        if ckpt.exists():
+            _truncate_log(out / "log.jsonl", state["step"])
+        else:
+            (out / "log.jsonl").unlink(missing_ok=True)
 
     def teacher_outputs(batch: dict[str, Tensor]) -> Outputs | None:
         if not objective.needs_teacher:
@@ -596,7 +674,7 @@ def train(
     log_terms: dict[str, list[float]] = {}
     student.train()
     while state["step"] < total_steps:
-        sampler.set_epoch(state["epoch"])
+        batches.set_epoch(state["epoch"])
         it = iter(loader)
         for _ in range(state["batch_in_epoch"]):  # resume: skip what this epoch already consumed
             next(it)
@@ -633,7 +711,7 @@ def train(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
-            if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+            if (state["step"] % cfg.log_every == 0 or state["step"] == total_steps) and acc.is_main_process:
                 _log(
                     out,
                     {
@@ -657,8 +735,8 @@ def train(
                 state["step"] % save_every == 0
                 or state["step"] == total_steps
                 or (cfg.save_every is None and epoch_end)
-            ) and acc.is_main_process:
-                _save_checkpoint(ckpt, raw, optimizer, scheduler, state)
+            ):
+                _save_checkpoint(ckpt, raw, optimizer, scheduler, state, acc)
             for cb in callbacks or []:
                 cb("step_end", {"step": state["step"], "values": values})
             if epoch_end:
@@ -687,6 +765,14 @@ def _step(
     taps = objective.coupled_student_taps()
     counts = [task.count(mb) for mb in group]
     total_count = sum(counts)
+    # per-example terms average over the units (examples or answer tokens) of the whole step; DDP
+    # averages gradients over ranks, hence the world size over the global count
+    global_count = float(total_count)
+    if acc.num_processes > 1:
+        n = torch.tensor([global_count], device=acc.device, dtype=torch.float64)
+        torch.distributed.all_reduce(n)
+        global_count = float(n)
+    share = acc.num_processes / global_count
     values: dict[str, float] = {}
 
     # 1) With several micro-batches, the batch-coupled terms are evaluated once on the whole step's
@@ -714,7 +800,7 @@ def _step(
             with acc.autocast():
                 s_out = student(mb)
                 per = objective.per_example(s_out, t_out)
-                loss = objective.total(per) * (counts[i] / total_count) if per else 0.0
+                loss = objective.total(per) * (counts[i] * share) if per else 0.0
                 if feature_grads is not None:
                     # a surrogate whose gradient w.r.t. these features is the whole-step gradient
                     loss = loss + sum((_up(s_out.features[k]) * feature_grads[i][k]).sum() for k in taps)
@@ -752,6 +838,13 @@ def _clip(acc, module: nn.Module, max_norm: float | None) -> float:
 
 
 def _evaluate_and_select(run: Run, raw: Student, state: dict[str, Any], acc, device: torch.device) -> None:
+    """Dev metrics on the main process (the others wait); keep the best student in ``best/``."""
+    if acc.is_main_process:
+        _select(run, raw, state, device)
+    acc.wait_for_everyone()
+
+
+def _select(run: Run, raw: Student, state: dict[str, Any], device: torch.device) -> None:
     cfg = run.train_cfg
     metric = cfg.select_metric or run.task.data.metric
     dev = run.task.evaluate(raw.model, "dev", batch_size=cfg.eval_batch_size, device=device)
@@ -763,8 +856,7 @@ def _evaluate_and_select(run: Run, raw: Student, state: dict[str, Any], acc, dev
     )
     if state["best"] is None or dev[metric] > state["best"]:
         state["best"], state["best_step"] = dev[metric], state["step"]
-        if acc.is_main_process:
-            _save_student(raw.model, run.tokenizer, run.output_dir / "best", run.metadata)
+        _save_student(raw.model, run.tokenizer, run.output_dir / "best", run.metadata)
 
 
 def _save_student(model: nn.Module, tokenizer: Any, path: Path, metadata: dict[str, Any]) -> None:
@@ -777,20 +869,28 @@ def _save_student(model: nn.Module, tokenizer: Any, path: Path, metadata: dict[s
     tmp.replace(path)
 
 
-def _save_checkpoint(path: Path, raw: Student, optimizer, scheduler, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "student": raw.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "progress": dict(state),
-            "rng": _rng_state(),
-        },
-        tmp,
-    )
-    tmp.replace(path)
+def _save_checkpoint(path: Path, raw: Student, optimizer, scheduler, state: dict[str, Any], acc) -> None:
+    """Written once, by the main process, with every rank's RNG state (exact resume under DDP)."""
+    rngs = [_rng_state()]
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rngs = gather_object(rngs)
+    if acc.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(
+            {
+                "student": raw.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "progress": dict(state),
+                "rng": rngs,
+            },
+            tmp,
+        )
+        tmp.replace(path)
+    acc.wait_for_everyone()
 
 
 def _log(out: Path, row: dict[str, Any]) -> None:
@@ -820,7 +920,17 @@ def _peak_memory_mb() -> float:
 
 
 def _finish(run: Run, raw: Student, state: dict[str, Any], acc, device: torch.device) -> dict[str, Any]:
-    """Evaluate the best checkpoint on dev and test; write results.json and the final student."""
+    """Evaluate the best checkpoint on dev and test (main process); write results.json."""
+    results_file = run.output_dir / "results.json"
+    if acc.is_main_process:
+        _write_results(run, raw, state, acc, device, results_file)
+    acc.wait_for_everyone()
+    return json.loads(results_file.read_text())
+
+
+def _write_results(
+    run: Run, raw: Student, state: dict[str, Any], acc, device: torch.device, path: Path
+) -> None:
     best_dir = run.output_dir / "best"
     best = type(raw.model).from_pretrained(best_dir).to(device)
     cfg = run.train_cfg
@@ -840,10 +950,9 @@ def _finish(run: Run, raw: Student, state: dict[str, Any], acc, device: torch.de
         "peak_memory_mb": _peak_memory_mb(),
         "student_parameters": sum(p.numel() for p in raw.model.parameters()),
         "world_size": acc.num_processes,
+        "collectives": run.objective.collectives,
     }
-    if acc.is_main_process:
-        (run.output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    return results
+    path.write_text(json.dumps(results, indent=2, default=str))
 
 
 def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None = None) -> dict[str, Any]:

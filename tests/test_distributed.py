@@ -1,0 +1,235 @@
+"""Data parallelism on the CPU: 2 processes, gloo, the same environment torchrun sets.
+
+Global-scope geometry losses and the student gradients equal those of one process on the
+concatenated batch; a DDP training run with 2 ranks x batch b equals 1 rank x batch 2b; a DDP
+run interrupted and resumed ends bit-identical; checkpoints and logs are written once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import make_cfg
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(fn, *args) -> None:
+    """Run ``fn(rank, *args)`` in WORLD processes with torchrun's environment variables."""
+    port = _free_port()
+    mp.spawn(_entry, args=(fn, port, args), nprocs=WORLD, join=True)
+
+
+def _entry(rank: int, fn, port: int, args: tuple) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_WORLD_SIZE=str(WORLD),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    torch.set_num_threads(1)
+    fn(rank, *args)
+
+
+# ----------------------------------------------------------------------------------------------
+# the distances themselves
+
+
+def _problem(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    teacher = torch.randn(30, 9, generator=g, dtype=torch.float64) + 1.0
+    model = torch.nn.Linear(6, 5).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(5, 6, generator=g, dtype=torch.float64))
+        model.bias.copy_(torch.randn(5, generator=g, dtype=torch.float64))
+    return inputs, teacher, model
+
+
+SHARDS = {"equal": [15, 15], "unequal": [11, 19]}
+
+
+def _global_loss_worker(rank: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from geodistill.distributed import global_distance
+
+    dist.init_process_group("gloo")
+    inputs, teacher, model = _problem()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    results = {}
+    for shards_name, sizes in SHARDS.items():
+        lo = sum(sizes[:rank])
+        x_in, y = inputs[lo : lo + sizes[rank]], teacher[lo : lo + sizes[rank]]
+        for kind in ("procrustes", "gram", "cka"):
+            for route in ("gather", "stats"):
+                ddp.zero_grad()
+                feats = ddp(x_in)
+                # a per-example term too, to check the mix: mean over the rank's rows (DDP averages)
+                loss = global_distance(kind, feats, y, route=route) + 0.1 * feats.square().mean()
+                loss.backward()
+                results[f"{shards_name}/{kind}/{route}"] = {
+                    "loss": float(loss),
+                    "grad": [p.grad.tolist() for p in model.parameters()],
+                }
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.barrier()  # no rank tears the group down while another still uses it
+    dist.destroy_process_group()
+
+
+def test_global_losses_and_gradients_equal_one_process(tmp_path: Path) -> None:
+    from geodistill.geometry import cka_distance, gram_distance, procrustes_distance
+
+    out = tmp_path / "ddp.json"
+    _launch(_global_loss_worker, str(out))
+    got = json.loads(out.read_text())
+    inputs, teacher, model = _problem()
+    for key, value in got.items():
+        shards_name, kind, _ = key.split("/")
+        model.zero_grad()
+        feats = model(inputs)
+        f = {"procrustes": procrustes_distance, "gram": gram_distance, "cka": cka_distance}[kind]
+        loss = f(feats, teacher)
+        # the per-example term: DDP averages two shard means, so with unequal shards that is the
+        # mean of means (what any DDP loss does); the geometry term is exactly global either way
+        sizes = SHARDS[shards_name]
+        per = sum(feats[sum(sizes[:r]) : sum(sizes[: r + 1])].square().mean() for r in range(WORLD)) / WORLD
+        (loss + 0.1 * per).backward()
+        for p, g in zip(model.parameters(), value["grad"], strict=True):
+            assert torch.allclose(p.grad, torch.tensor(g, dtype=torch.float64), atol=1e-10, rtol=0), key
+        # rank 0's loss: the global distance plus its own shard's per-example term
+        expected = float(loss.detach()) + 0.1 * float(feats[: sizes[0]].detach().square().mean())
+        assert abs(value["loss"] - expected) < 1e-10, key
+
+
+def test_plan_picks_the_cheaper_route() -> None:
+    from geodistill.distributed import plan
+
+    assert plan("procrustes", 64, 768, 2048).route == "gather"  # few rows: gather them
+    assert plan("procrustes", 16384, 768, 2048).route == "stats"  # many rows: d x d statistics
+    p = plan("gram", 4096, 384, 384)
+    assert p.route == "stats" and p.values == 384 + 384 + 2 + 3 * 384 * 384 and p.bytes == 4 * p.values
+    with pytest.raises(ValueError, match="route"):
+        plan("gram", 10, 2, 2, route="scatter")
+
+
+# ----------------------------------------------------------------------------------------------
+# the training loop under DDP
+
+
+def _train_worker(rank: int, cfg_dict: dict, out: str, crash_at: int | None) -> None:
+    from geodistill.config import DistillConfig, from_dict
+    from geodistill.train import setup, train
+
+    cfg = from_dict(DistillConfig, cfg_dict)
+    r = setup(cfg, progress=False)
+    _to_float64(r)
+
+    class Interrupt(Exception):
+        pass
+
+    def crash(event: str, state: dict) -> None:
+        if state["step"] == crash_at:
+            raise Interrupt
+
+    try:
+        results = train(r, progress=False, callbacks=[crash] if crash_at else None)
+        if rank == 0:
+            torch.save({"weights": r.student.state_dict(), "results": results}, out)
+    except Interrupt:
+        pass
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _to_float64(r) -> None:
+    r.student.double()
+    r.teacher.double()
+    if r.teacher_cache is not None:
+        r.teacher_cache.logits = r.teacher_cache.logits.double()
+        r.teacher_cache.features = {k: v.double() for k, v in r.teacher_cache.features.items()}
+
+
+LOSSES = "[{name: ce}, {name: kd, temperature: 2.0}, {name: procrustes, pooling: tokens}, {name: gram, layers: uniform}, {name: cka, pooling: mean}, {name: proj_mse}]"
+
+
+def _single_process(cfg) -> dict:
+    from geodistill.train import setup, train
+
+    r = setup(cfg, progress=False)
+    _to_float64(r)
+    train(r, progress=False)
+    return r.student.state_dict()
+
+
+def test_two_ranks_batch_b_equal_one_rank_batch_2b(assets, tmp_path: Path) -> None:
+    from geodistill.config import to_dict
+
+    common = [f"losses={LOSSES}", "train.max_steps=4", "train.eval_every=2", "train.log_every=1"]
+    ddp_cfg = make_cfg(assets, tmp_path / "ddp", *common, "train.batch_size=4")
+    _launch(_train_worker, to_dict(ddp_cfg), str(tmp_path / "ddp.pt"), None)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=False)
+    assert ddp["results"]["world_size"] == 2
+    assert any("stats" in v or "gather" in v for v in ddp["results"]["collectives"].values())
+
+    single = _single_process(make_cfg(assets, tmp_path / "one", *common, "train.batch_size=8"))
+    worst = max((ddp["weights"][k] - single[k]).abs().max().item() for k in single)
+    assert worst < 1e-9, worst
+    init = _initial_weights(make_cfg(assets, tmp_path / "init", *common))
+    assert max((single[k] - init[k]).abs().max().item() for k in single) > 1e-3  # the steps did move
+
+    # logs and checkpoints are written once, by the main process
+    steps = [
+        json.loads(x)["step"]
+        for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()
+        if "loss/" in x
+    ]
+    assert steps == [1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoint").iterdir()) == ["state.pt"]
+    assert len(torch.load(tmp_path / "ddp" / "checkpoint" / "state.pt", weights_only=False)["rng"]) == 2
+
+
+def _initial_weights(cfg) -> dict:
+    from geodistill.train import setup
+
+    return {k: v.double() for k, v in setup(cfg, progress=False).student.state_dict().items()}
+
+
+def test_ddp_run_resumes_bit_identical(assets, tmp_path: Path) -> None:
+    from geodistill.config import to_dict
+
+    common = [
+        "train.max_steps=6",
+        "train.save_every=2",
+        "train.eval_every=2",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "losses=[{name: kd}, {name: procrustes}]",
+    ]
+    a = make_cfg(assets, tmp_path / "a", *common, teacher="teacher_dropout")
+    _launch(_train_worker, to_dict(a), str(tmp_path / "a.pt"), None)
+    b = make_cfg(assets, tmp_path / "b", *common, teacher="teacher_dropout")
+    _launch(_train_worker, to_dict(b), str(tmp_path / "b.pt"), 3)  # dies after step 3
+    assert not (tmp_path / "b.pt").exists()
+    _launch(_train_worker, to_dict(b), str(tmp_path / "b.pt"), None)  # resumes from step 2
+    wa = torch.load(tmp_path / "a.pt", weights_only=False)["weights"]
+    wb = torch.load(tmp_path / "b.pt", weights_only=False)["weights"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
