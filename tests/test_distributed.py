@@ -233,3 +233,30 @@ def test_ddp_run_resumes_bit_identical(assets, tmp_path: Path) -> None:
     wa = torch.load(tmp_path / "a.pt", weights_only=False)["weights"]
     wb = torch.load(tmp_path / "b.pt", weights_only=False)["weights"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fsdp_with_sharded_teacher_equals_one_process(assets, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from geodistill.config import to_dict
+
+    common = [
+        f"losses={LOSSES}",
+        "train.max_steps=3",
+        "train.eval_every=3",
+        "train.cache_teacher=false",
+        "train.grad_accum=2",
+    ]
+    fsdp_cfg = make_cfg(
+        assets, tmp_path / "fsdp", *common, "train.batch_size=2", "train.parallel=fsdp", "teacher.shard=true"
+    )
+    _launch(_train_worker, to_dict(fsdp_cfg), str(tmp_path / "fsdp.pt"), None)
+    fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=False)
+    single = _single_process(make_cfg(assets, tmp_path / "one", *common, "train.batch_size=4"))
+    # the FSDP module's own state_dict holds shards: compare the saved full checkpoint instead
+    full = torch.load(tmp_path / "fsdp" / "checkpoint" / "state.pt", weights_only=False)["student"]
+    worst = max((full[k].double() - single[k]).abs().max().item() for k in single)
+    assert worst < 1e-9, worst
+    # the best student is saved whole and loads with plain transformers
+    model = AutoModelForSequenceClassification.from_pretrained(fsdp["results"]["student_dir"])
+    assert model.config.num_hidden_layers == 2

@@ -111,6 +111,11 @@ class ModelConfig:
         "first (false for an instruction-tuned teacher)",
         default=True,
     )
+    shard: bool = _help(
+        "train.parallel=fsdp: shard this frozen teacher across processes too (for teachers that do not fit one "
+        "device); otherwise every process holds a replica in inference mode",
+        default=False,
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = _help(
         "weights dtype for a frozen teacher", default="float32"
     )
@@ -207,6 +212,11 @@ class TrainConfig:
         default=True,
     )
     num_workers: int = _help("DataLoader worker processes", default=0)
+    parallel: Literal["ddp", "fsdp"] = _help(
+        "under torchrun / accelerate launch: ddp replicates the student on every process; fsdp (FSDP2) shards "
+        "it (every transformer layer, then the rest) for students that do not fit one device",
+        default="ddp",
+    )
     device: str | None = _help("force a device (cpu, cuda, mps); default: Accelerate's choice", default=None)
     threads: int | None = _help("CPU threads for torch (default: torch's choice)", default=None)
 

@@ -39,6 +39,7 @@ from geodistill.config import ConfigError, DistillConfig, TrainConfig, config_ha
 from geodistill.distributed import global_distance, is_distributed
 from geodistill.features import resolve_layer_pairs
 from geodistill.losses import LossTerm, _up, resolve_losses
+from geodistill.parallel import Parallel, shard_model
 from geodistill.tasks import Outputs, Tap
 
 __all__ = ["Run", "Student", "TrainingDiverged", "setup", "train"]
@@ -618,12 +619,13 @@ def train(
     eval_every = cfg.eval_every or steps_per_epoch
     save_every = cfg.save_every or eval_every
 
-    student = run.student.to(device)
-    optimizer = _optimizer(student, cfg)
-    scheduler = _schedule(optimizer, cfg, total_steps)
-    student, optimizer = acc.prepare(student, optimizer)
-    raw = acc.unwrap_model(student)
-    teacher = run.teacher.to(device) if run.teacher is not None and run.teacher_cache is None else run.teacher
+    par = Parallel(acc, cfg.parallel)
+    student, optimizer = par.wrap(run.student, lambda module: _optimizer(module, cfg))
+    scheduler = _schedule(getattr(optimizer, "optimizer", optimizer), cfg, total_steps)
+    raw = par.unwrap(student)
+    teacher = run.teacher
+    if teacher is not None and run.teacher_cache is None:
+        teacher = shard_model(teacher, device) if par.fsdp and run.cfg.teacher.shard else teacher.to(device)
     objective = run.objective
 
     # resume
@@ -639,8 +641,8 @@ def train(
     ckpt = out / "checkpoint" / "state.pt"
     if ckpt.exists():
         blob = torch.load(ckpt, map_location="cpu", weights_only=False)
-        raw.load_state_dict(blob["student"])
-        optimizer.load_state_dict(blob["optimizer"])
+        par.load_model_state(raw, blob["student"])
+        par.load_optimizer_state(raw, optimizer, blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         state = blob["progress"]
         rngs = blob["rng"] if isinstance(blob["rng"], list) else [blob["rng"]]
@@ -689,7 +691,7 @@ def train(
                 break
             t0 = time.perf_counter()
             values, grad_norm = _step(
-                acc, student, objective, group, teacher_outputs, optimizer, cfg, run.task
+                acc, par, student, objective, group, teacher_outputs, optimizer, cfg, run.task
             )
             scheduler.step()
             elapsed = time.perf_counter() - t0
@@ -730,13 +732,13 @@ def train(
                 or state["step"] == total_steps
                 or (cfg.eval_every is None and epoch_end)
             ):
-                _evaluate_and_select(run, raw, state, acc, device)
+                _evaluate_and_select(run, raw, state, acc, par, device)
             if (
                 state["step"] % save_every == 0
                 or state["step"] == total_steps
                 or (cfg.save_every is None and epoch_end)
             ):
-                _save_checkpoint(ckpt, raw, optimizer, scheduler, state, acc)
+                _save_checkpoint(ckpt, raw, optimizer, scheduler, state, acc, par)
             for cb in callbacks or []:
                 cb("step_end", {"step": state["step"], "values": values})
             if epoch_end:
@@ -751,6 +753,7 @@ def train(
 
 def _step(
     acc,
+    par: Parallel,
     student,
     objective: Objective,
     group: list[dict[str, Tensor]],
@@ -796,7 +799,7 @@ def _step(
 
     # 2) Forward with grad per micro-batch; per-example terms weighted by their share of the step.
     for i, (mb, t_out) in enumerate(zip(group, t_outs, strict=False)):
-        with acc.no_sync(student) if i < len(group) - 1 else _nullcontext():
+        with par.no_sync(student, skip=i < len(group) - 1):
             with acc.autocast():
                 s_out = student(mb)
                 per = objective.per_example(s_out, t_out)
@@ -813,64 +816,61 @@ def _step(
             acc.backward(loss)
         for k, v in per.items():
             values[k] = values.get(k, 0.0) + float(v.detach()) * counts[i] / total_count
-    grad_norm = _clip(acc, student, cfg.max_grad_norm)
+    grad_norm = par.clip(student, cfg.max_grad_norm)
     if math.isfinite(grad_norm) and all(math.isfinite(v) for v in values.values()):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return values, grad_norm
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _clip(acc, module: nn.Module, max_norm: float | None) -> float:
-    params = [p for p in module.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
-    if max_norm is None:
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
-    return float(acc.clip_grad_norm_(params, max_norm))
-
-
-def _evaluate_and_select(run: Run, raw: Student, state: dict[str, Any], acc, device: torch.device) -> None:
-    """Dev metrics on the main process (the others wait); keep the best student in ``best/``."""
-    if acc.is_main_process:
-        _select(run, raw, state, device)
+def _evaluate_and_select(
+    run: Run, raw: Student, state: dict[str, Any], acc, par: Parallel, device: torch.device
+) -> None:
+    """Dev metrics and best-student selection (``best/``). The main process evaluates while the
+    others wait; under FSDP every rank takes part in the forwards and the state-dict gathering."""
+    if acc.is_main_process or par.collective_eval:
+        dev = run.task.evaluate(raw.model, "dev", batch_size=run.train_cfg.eval_batch_size, device=device)
+        metric = run.train_cfg.select_metric or run.task.data.metric
+        if metric not in dev:
+            raise ConfigError(f"train.select_metric: {metric!r} is not among the dev metrics {sorted(dev)}")
+        if acc.is_main_process:
+            _log(
+                run.output_dir,
+                {"step": state["step"], "epoch": state["epoch"], **{f"dev/{k}": v for k, v in dev.items()}},
+            )
+        if state["best"] is None or dev[metric] > state["best"]:
+            state["best"], state["best_step"] = dev[metric], state["step"]
+            weights = None
+            if par.fsdp:  # gathered in full from the shards
+                weights = {
+                    k[len("model.") :]: v for k, v in par.model_state(raw).items() if k.startswith("model.")
+                }
+            if acc.is_main_process:
+                _save_student(raw.model, run.tokenizer, run.output_dir / "best", run.metadata, weights)
     acc.wait_for_everyone()
 
 
-def _select(run: Run, raw: Student, state: dict[str, Any], device: torch.device) -> None:
-    cfg = run.train_cfg
-    metric = cfg.select_metric or run.task.data.metric
-    dev = run.task.evaluate(raw.model, "dev", batch_size=cfg.eval_batch_size, device=device)
-    if metric not in dev:
-        raise ConfigError(f"train.select_metric: {metric!r} is not among the dev metrics {sorted(dev)}")
-    _log(
-        run.output_dir,
-        {"step": state["step"], "epoch": state["epoch"], **{f"dev/{k}": v for k, v in dev.items()}},
-    )
-    if state["best"] is None or dev[metric] > state["best"]:
-        state["best"], state["best_step"] = dev[metric], state["step"]
-        _save_student(raw.model, run.tokenizer, run.output_dir / "best", run.metadata)
-
-
-def _save_student(model: nn.Module, tokenizer: Any, path: Path, metadata: dict[str, Any]) -> None:
+def _save_student(
+    model: nn.Module,
+    tokenizer: Any,
+    path: Path,
+    metadata: dict[str, Any],
+    state_dict: dict[str, Tensor] | None = None,
+) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     (tmp / "geodistill_run.json").write_text(json.dumps(metadata, indent=2, default=str))
     shutil.rmtree(path, ignore_errors=True)
     tmp.replace(path)
 
 
-def _save_checkpoint(path: Path, raw: Student, optimizer, scheduler, state: dict[str, Any], acc) -> None:
+def _save_checkpoint(
+    path: Path, raw: Student, optimizer, scheduler, state: dict[str, Any], acc, par: Parallel
+) -> None:
     """Written once, by the main process, with every rank's RNG state (exact resume under DDP)."""
+    model_state, optimizer_state = par.model_state(raw), par.optimizer_state(raw, optimizer)  # collective
     rngs = [_rng_state()]
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
@@ -881,8 +881,8 @@ def _save_checkpoint(path: Path, raw: Student, optimizer, scheduler, state: dict
         tmp = path.with_suffix(".tmp")
         torch.save(
             {
-                "student": raw.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "student": model_state,
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "progress": dict(state),
                 "rng": rngs,

@@ -1,0 +1,131 @@
+"""How the student (and optionally the teacher) is spread over data-parallel processes.
+
+``ddp`` (default): Accelerate wraps the student in DistributedDataParallel; every rank holds the
+whole model. ``fsdp``: PyTorch's FSDP2 (``fully_shard``) shards every transformer layer and the
+rest of the model across ranks, for students (and, with ``teacher.shard``, frozen teachers) that do
+not fit one device; it works with gloo on CPUs as with NCCL on GPUs. Both average gradients over
+ranks, so the global-batch losses of :mod:`geodistill.distributed` mean the same under either.
+State dicts are gathered in full (on CPU) for checkpoints and the saved student, so a run can
+resume with another number of processes' worth of shards and the student loads anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Parallel"]
+
+
+class Parallel:
+    """The data-parallel strategy of one run: ``ddp`` (also single-process) or ``fsdp``."""
+
+    def __init__(self, acc: Any, mode: str) -> None:
+        if mode not in ("ddp", "fsdp"):
+            raise ValueError(f"train.parallel must be 'ddp' or 'fsdp', got {mode!r}")
+        self.acc = acc
+        self.fsdp = mode == "fsdp" and acc.num_processes > 1
+
+    @property
+    def collective_eval(self) -> bool:
+        """FSDP forwards need every rank, so evaluation runs on all of them (the main one records)."""
+        return self.fsdp
+
+    def wrap(self, student: nn.Module, optimizer_factory) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Place ``student`` and build its optimizer (after sharding: FSDP2 parameters are DTensors)."""
+        if not self.fsdp:
+            student = student.to(self.acc.device)
+            return self.acc.prepare(student, optimizer_factory(student))
+        shard_model(student.model, self.acc.device)
+        from torch.distributed.fsdp import fully_shard
+
+        for head in student.projectors.values():  # a ModuleDict has no forward of its own to hook
+            fully_shard(head.to(self.acc.device))
+        return student, optimizer_factory(student)
+
+    def unwrap(self, student: nn.Module) -> nn.Module:
+        return student if self.fsdp else self.acc.unwrap_model(student)
+
+    @contextlib.contextmanager
+    def no_sync(self, module: nn.Module, skip: bool) -> Iterator[None]:
+        """Skip the gradient reduction of an accumulation micro-batch (all but the last)."""
+        if not skip:
+            yield
+            return
+        if self.fsdp:
+            from torch.distributed.fsdp import FSDPModule
+
+            sharded = [m for m in module.modules() if isinstance(m, FSDPModule)]
+            for m in sharded:
+                m.set_requires_gradient_sync(False, recurse=False)
+            try:
+                yield
+            finally:
+                for m in sharded:
+                    m.set_requires_gradient_sync(True, recurse=False)
+        else:
+            with self.acc.no_sync(module):
+                yield
+
+    def clip(self, module: nn.Module, max_norm: float | None) -> float:
+        """Gradient norm before clipping (clips when ``max_norm`` is set)."""
+        params = [p for p in module.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        bound = float("inf") if max_norm is None else max_norm
+        if self.fsdp:
+            norm = torch.nn.utils.clip_grad_norm_(params, bound)
+            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return float(self.acc.clip_grad_norm_(params, bound))
+
+    # full state dicts: collective under FSDP (every rank calls), complete on every rank otherwise
+    def model_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        if not self.fsdp:
+            return module.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_model_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        if not self.fsdp:
+            module.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+
+    def optimizer_state(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        if not self.fsdp:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+    def load_optimizer_state(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None:
+        if not self.fsdp:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """FSDP2: one shard group per transformer layer, then the rest (embeddings, head) at the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    from geodistill.models import transformer_layers
+
+    model.to(device)
+    for layer in transformer_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
