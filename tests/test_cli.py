@@ -100,3 +100,11 @@ def test_configs_lists_every_key_with_help(capsys) -> None:
     for key in ("data.name", "losses", "train.grad_accum", "teacher_train.lr", "student.hidden_size"):
         assert f"\n{key} = " in out
     assert "demo" in shipped_configs()
+
+
+def test_a_directory_does_not_shadow_a_shipped_config(tmp_path, monkeypatch) -> None:
+    from geodistill.cli import CONFIG_DIR, resolve_config_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "experiments" / "alpha").mkdir(parents=True)  # e.g. committed results of that sweep
+    assert resolve_config_path("experiments/alpha") == CONFIG_DIR / "experiments/alpha.yaml"

@@ -22,10 +22,10 @@ def resolve_config_path(name: str | None) -> Path | None:
     if name is None:
         return None
     p = Path(name)
-    if p.exists():
+    if p.is_file():
         return p
     for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
-        if candidate.exists():
+        if candidate.is_file():
             return candidate
     from geodistill.config import ConfigError
 
