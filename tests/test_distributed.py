@@ -260,3 +260,43 @@ def test_fsdp_with_sharded_teacher_equals_one_process(assets, tmp_path: Path) ->
     # the best student is saved whole and loads with plain transformers
     model = AutoModelForSequenceClassification.from_pretrained(fsdp["results"]["student_dir"])
     assert model.config.num_hidden_layers == 2
+
+
+def _sweep_worker(rank: int, data: dict, out: str) -> None:
+    from geodistill.experiments import parse_sweep, run_sweep
+
+    sweep = parse_sweep(data)
+    first = run_sweep(sweep, progress=False)
+    again = run_sweep(sweep, progress=False)  # everything finished: every rank skips every run
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps({"first": [first.finished, first.skipped], "again": [again.finished, again.skipped]})
+    )
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_sweep_under_torchrun_runs_each_run_across_all_ranks_and_writes_rows_once(
+    assets, tmp_path: Path
+) -> None:
+    from geodistill.config import to_dict
+    from geodistill.experiments import read_rows
+
+    base = to_dict(make_cfg(assets, tmp_path / "unused", "train.max_steps=2", "train.eval_every=2"))
+    data = {
+        "name": "ddp",
+        "base": base,
+        "methods": {
+            "kd": {"losses": [{"name": "kd", "temperature": 2.0}]},
+            "ce": {"losses": [{"name": "ce"}]},
+        },
+        "grid": {"seed": [0]},
+        "output_dir": str(tmp_path / "sweep"),
+    }
+    _launch(_sweep_worker, data, str(tmp_path))
+    rows = read_rows(tmp_path / "sweep" / "results.jsonl")
+    assert sorted(r["method"] for r in rows) == ["ce", "kd"]  # once each, by rank 0
+    assert all(r["status"] == "ok" and r["world_size"] == 2 for r in rows)
+    for rank in range(WORLD):
+        counts = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert counts["again"] == [0, 2]
+        assert counts["first"] == ([2, 0] if rank == 0 else [0, 0])  # rank 0 records, the others do not

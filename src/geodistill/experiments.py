@@ -645,17 +645,35 @@ def run_sweep(
     ``peak_memory_mb`` is the run's own. ``in_process=True`` (the default for a custom runner with
     ``jobs=1``) calls the runner in this process, which lets tests pass any callable. A failed run
     writes an ``error`` row (not counted as finished: the next call retries it) and the sweep goes on.
+
+    Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) every process walks the same
+    plan and each run is one data-parallel run across all of them, in this process; only rank 0
+    writes rows, logs and shows progress, and the list of finished runs is rank 0's, broadcast.
     """
     if jobs < 1:
         raise ConfigError(f"--jobs: expected at least 1, got {jobs}")
-    if in_process is None:
+    launched = _launched_world_size() > 1
+    if launched:
+        if jobs != 1:
+            raise ConfigError(
+                f"--jobs {jobs}: under torchrun / accelerate launch each run uses every process; "
+                "runs go one at a time (drop --jobs)"
+            )
+        in_process = True
+    elif in_process is None:
         in_process = runner is not None and jobs == 1
     runner = runner or run_distill
     plan = expand(sweep, quick=quick)
     root = sweep_dir(sweep, quick=quick)
     results_path = root / "results.jsonl"
-    rows = read_rows(results_path)
+    main_process = not launched or int(os.environ.get("RANK", "0")) == 0
+    rows = read_rows(results_path) if main_process else []
     done = {r.get("config_hash") for r in rows if r.get("status") == "ok"}
+    if launched:
+        done = _broadcast_from_rank0(done, plan[0].config if plan else None)
+    if not main_process:
+        log = _quiet
+        progress = False
     planned = {run.config_hash for run in plan}
     todo = [run for run in plan if run.config_hash not in done]
     summary = SweepSummary(
@@ -666,10 +684,11 @@ def run_sweep(
         failed=[],
         stale=len({h for h in done if h not in planned}),
     )
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep.json").write_text(
-        json.dumps({"sweep": to_dict(sweep), "quick": quick, "runs": [r.run_id for r in plan]}, indent=2)
-    )
+    if main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "sweep.json").write_text(
+            json.dumps({"sweep": to_dict(sweep), "quick": quick, "runs": [r.run_id for r in plan]}, indent=2)
+        )
     log(
         f"sweep {sweep.name}: {len(plan)} runs planned, {summary.skipped} already finished, "
         f"{len(todo)} to run ({jobs} at a time); results in {results_path}"
@@ -687,6 +706,8 @@ def run_sweep(
 
     def record(run: PlannedRun, outcome: tuple[str, Any, float | None, str | None]) -> None:
         status, payload, wall, trace = outcome
+        if not main_process:
+            return
         if status == "ok":
             append_row(results_path, _row(run, sweep.name or "", payload, wall))
             summary.finished += 1
@@ -720,6 +741,27 @@ def run_sweep(
         if bar is not None:
             bar.close()
     return summary
+
+
+def _launched_world_size() -> int:
+    """Processes of a torchrun / accelerate launch this process belongs to (1 when not launched)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0: they say nothing."""
+
+
+def _broadcast_from_rank0(value: Any, cfg: DistillConfig | None) -> Any:
+    """``value`` as rank 0 has it, on every rank (initialising the process group as a run would)."""
+    import torch.distributed as dist
+
+    from geodistill.train import process_state
+
+    process_state(cfg.train if cfg is not None else DistillConfig().train)
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _run_processes(
@@ -807,6 +849,8 @@ def sweep_main(
         print(plan_table(plan, done, failed))
         return 0
     summary = run_sweep(sweep, quick=quick, jobs=jobs, progress=progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 speaks for all
+        return 0
     print(
         f"sweep {sweep.name}: {summary.finished} finished now, {summary.skipped} before, "
         f"{len(summary.failed)} failed; results in {summary.results_path}"
