@@ -38,6 +38,11 @@ def shipped_configs() -> list[str]:
     return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
 
 
+def _main_process() -> bool:
+    """False on every rank but 0 of a torchrun / accelerate launch: only rank 0 prints results."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _load(args: argparse.Namespace) -> Any:
     from geodistill.config import DistillConfig, load_config
 
@@ -57,6 +62,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     results = distill(cfg, progress=not args.quiet)
+    if not _main_process():
+        return 0
     print(
         json.dumps(
             {k: results[k] for k in ("output_dir", "student_dir", "dev", "test", "seconds_per_step")},
@@ -71,6 +78,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     path = finetuned_teacher(cfg, progress=not args.quiet)
+    if not _main_process():
+        return 0
     results = json.loads((path.parent / "results.json").read_text())
     print(json.dumps({"teacher_dir": str(path), "dev": results["dev"], "test": results["test"]}, indent=2))
     return 0
