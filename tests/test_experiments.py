@@ -349,3 +349,15 @@ def test_cli_dry_run_prints_the_plan(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert out.count("| done |") == 20
     assert main(["sweep", str(path), "--dry-run", "--set", "grid.sed=[0]"]) == 2
     assert "grid.sed" in capsys.readouterr().err
+
+
+def test_every_shipped_experiment_plans_in_full_and_quick() -> None:
+    from geodistill.cli import CONFIG_DIR
+
+    for path in sorted((CONFIG_DIR / "experiments").glob("*.yaml")):
+        if path.stem == "rt":  # the base the others include: a run config, not a sweep
+            continue
+        sweep = load_sweep(path)
+        full, quick = expand(sweep), expand(sweep, quick=True)
+        assert 0 < len(quick) < len(full), path.stem
+        assert len({r.config_hash for r in full}) == len(full)

@@ -285,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.func(args) or 0)
         _close_process_group()
         return code
+    except BrokenPipeError:  # `geodistill ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ConfigError, AssetError, ValueError, FileNotFoundError) as e:
         # config and input errors (data files, labels, layer indices): one line naming the culprit;
         # GEODISTILL_DEBUG=1 shows the traceback
