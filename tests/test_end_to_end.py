@@ -67,3 +67,23 @@ def test_full_demo_fits_ten_minutes_and_students_learn(offline_assets, tmp_path:
     for row in summary["rows"]:
         assert row["test"] > 0.62, row  # majority class: 57%
     assert minutes < 15  # ~10 minutes on 2 idle cores, with the teacher fine-tune (cached after)
+
+
+@pytest.mark.slow
+def test_instruct_experiment_quick_through_sweep_and_report(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct -> 6-block subset, every method for a few steps, then the report."""
+    from geodistill.models import resolve_model
+
+    try:
+        resolve_model("smollm2-135m-instruct")
+    except AssetError as e:
+        pytest.skip(f"offline assets unavailable: {e}")
+    out = tmp_path / "instruct"
+    assert main(["sweep", "experiments/instruct", "--quick", "--quiet", "--set", f"output_dir={out}"]) == 0
+    results = tmp_path / "instruct-quick" / "results.jsonl"
+    rows = [json.loads(x) for x in results.read_text().splitlines()]
+    assert sorted(r["method"] for r in rows) == sorted(
+        ["sft", "kd", "kd+procrustes", "kd+gram", "kd+cka", "kd+proj_mse"]
+    )
+    assert all(r["status"] == "ok" and 0 <= r["test.rougeL"] <= 1 for r in rows)
+    assert main(["report", str(results), "--baseline", "kd", "--out", str(tmp_path / "report")]) == 0
