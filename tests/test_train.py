@@ -279,9 +279,41 @@ def test_output_dir_holding_another_run(assets, tmp_path) -> None:
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty"):
         setup(make_cfg(assets, tmp_path / "other"), progress=False)
-    # the same config again resumes (here: returns the finished results) instead of failing
+    # the same config again resumes (here: returns the finished results) instead of failing, also
+    # with other threads, device or checkpoint cadence: they say how a run executes, not what it is
     _, res = run(make_cfg(assets, tmp_path / "run", "train.max_steps=1"))
     assert res["steps"] == 1
+    _, res = run(
+        make_cfg(assets, tmp_path / "run", "train.max_steps=1", "train.threads=1", "train.device=cpu")
+    )
+    assert res["steps"] == 1
+
+
+def test_identity_hash_ignores_only_execution_fields(assets, tmp_path) -> None:
+    from geodistill.config import config_hash, identity_hash
+    from geodistill.finetune import finetune_config
+
+    cfg = make_cfg(assets, tmp_path / "run")
+    assert identity_hash(cfg) == config_hash(cfg)  # fields at their defaults: the plain hash, unchanged
+    how = replace(
+        cfg,
+        train=replace(cfg.train, threads=1, device="cpu", parallel="fsdp", save_every=2, num_workers=2),
+        teacher_train=replace(cfg.teacher_train, threads=4),
+        teacher=replace(cfg.teacher, shard=True),
+    )
+    assert config_hash(how) != config_hash(cfg) and identity_hash(how) == identity_hash(cfg)
+    assert finetune_config(how).output_dir == finetune_config(cfg).output_dir  # the cached teacher is reused
+    for what in (
+        replace(cfg, train=replace(cfg.train, lr=2e-3)),
+        replace(cfg, train=replace(cfg.train, seed=1)),
+        replace(cfg, train=replace(cfg.train, log_every=5)),
+        replace(cfg, teacher=replace(cfg.teacher, dtype="bfloat16")),
+        replace(cfg, data=replace(cfg.data, max_length=8)),
+    ):
+        assert identity_hash(what) != identity_hash(cfg)
+    assert finetune_config(replace(cfg, teacher_train=replace(cfg.teacher_train, lr=1.0))).output_dir != (
+        finetune_config(cfg).output_dir
+    )
 
 
 def test_every_shipped_config_loads() -> None:

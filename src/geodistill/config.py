@@ -29,6 +29,7 @@ __all__ = [
     "apply_overrides",
     "config_hash",
     "from_dict",
+    "identity_hash",
     "load_config",
     "to_dict",
 ]
@@ -349,6 +350,44 @@ def config_hash(obj: Any, length: int = 12) -> str:
     """Stable short hash of a config (or any JSON-able structure)."""
     blob = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+#: fields that say how a run executes, not what it computes: changing them must not make a
+#: cached teacher, a half-trained run or a finished sweep row look like a different experiment
+EXECUTION_ONLY: dict[type, tuple[str, ...]] = {
+    TrainConfig: ("save_every", "num_workers", "parallel", "device", "threads"),
+    ModelConfig: ("shard",),
+}
+
+
+def _reset_execution(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _reset_execution(v) for k, v in obj.items()}
+    if not dataclasses.is_dataclass(obj):
+        return obj
+    changes = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in EXECUTION_ONLY.get(type(obj), ()):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if value != default:
+                changes[f.name] = default
+        elif dataclasses.is_dataclass(value):
+            reset = _reset_execution(value)
+            if reset is not value:
+                changes[f.name] = reset
+    return dataclasses.replace(obj, **changes) if changes else obj
+
+
+def identity_hash(obj: Any, length: int = 12) -> str:
+    """``config_hash`` of a config with its execution-only fields at their defaults.
+
+    Threads, device, DDP/FSDP, data-loader workers, checkpoint cadence and teacher sharding say how a
+    run executes, not what it computes, so a teacher fine-tuned with 2 threads is reused by a run
+    with 8, a run resumes on another device, and a sweep row stays finished. Configs that leave those
+    fields at their defaults hash exactly as ``config_hash`` hashes them.
+    """
+    return config_hash(_reset_execution(obj), length)
 
 
 # ------------------------------------------------------------------------------------------

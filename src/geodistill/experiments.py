@@ -69,8 +69,8 @@ from geodistill.config import (
     _help,
     _merge,
     _set_path,
-    config_hash,
     from_dict,
+    identity_hash,
     read_yaml,
     to_dict,
 )
@@ -444,7 +444,7 @@ def expand(sweep: SweepConfig, *, quick: bool = False) -> list[PlannedRun]:
                 except ConfigError as e:
                     raise ConfigError(f"{where}: {e}") from e
                 cfg = replace(cfg, output_dir="", overwrite=False)
-                digest = config_hash(cfg)
+                digest = identity_hash(cfg)
                 if digest in seen:
                     raise ConfigError(
                         f"{where}: resolves to the same config as {seen[digest]} (hash {digest}); "

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from geodistill.config import DistillConfig, LossConfig, StudentConfig, config_hash
+from geodistill.config import DistillConfig, LossConfig, StudentConfig, identity_hash
 
 __all__ = ["finetune_config", "finetuned_teacher"]
 
@@ -33,7 +33,7 @@ def finetune_config(cfg: DistillConfig, output_dir: str | Path | None = None) ->
         output_dir = (
             cache_dir()
             / "teachers"
-            / f"{_slug(cfg.teacher.name)}-{cfg.data.name.replace('/', '_')}-{config_hash(key)}"
+            / f"{_slug(cfg.teacher.name)}-{cfg.data.name.replace('/', '_')}-{identity_hash(key)}"
         )
     return replace(
         cfg,

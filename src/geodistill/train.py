@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
 from geodistill import __version__
-from geodistill.config import ConfigError, DistillConfig, TrainConfig, config_hash, to_dict
+from geodistill.config import ConfigError, DistillConfig, TrainConfig, identity_hash, to_dict
 from geodistill.distributed import global_distance, is_distributed
 from geodistill.features import resolve_layer_pairs
 from geodistill.losses import LossTerm, _up, resolve_losses
@@ -291,13 +291,13 @@ def _output_dir_action(out: Path, cfg: DistillConfig, kind: str) -> str:
             prior = json.loads(run_file.read_text())
         except (OSError, json.JSONDecodeError):
             prior = {}
-        if prior.get("config_hash") == config_hash(cfg) and prior.get("kind") == kind:
+        if prior.get("config_hash") == identity_hash(cfg) and prior.get("kind") == kind:
             return "resume"
         if cfg.overwrite:
             return "overwrite"
         raise ConfigError(
             f"output_dir {out} holds another run (config hash {prior.get('config_hash')}, this one "
-            f"{config_hash(cfg)}); choose another output_dir or --set overwrite=true"
+            f"{identity_hash(cfg)}); choose another output_dir or --set overwrite=true"
         )
     if cfg.overwrite:
         return "overwrite"
@@ -310,7 +310,7 @@ def run_metadata(cfg: Any, kind: str) -> dict[str, Any]:
     """Resolved config, its hash, package version and git revision: saved with every run."""
     return {
         "kind": kind,
-        "config_hash": config_hash(cfg),
+        "config_hash": identity_hash(cfg),
         "config": to_dict(cfg),
         "version": __version__,
         "git_revision": _git_revision(),
