@@ -291,13 +291,14 @@ def _output_dir_action(out: Path, cfg: DistillConfig, kind: str) -> str:
             prior = json.loads(run_file.read_text())
         except (OSError, json.JSONDecodeError):
             prior = {}
-        if prior.get("config_hash") == identity_hash(cfg) and prior.get("kind") == kind:
+        digest = identity_hash(cfg)
+        if prior.get("config_hash") == digest and prior.get("kind") == kind:
             return "resume"
         if cfg.overwrite:
             return "overwrite"
         raise ConfigError(
             f"output_dir {out} holds another run (config hash {prior.get('config_hash')}, this one "
-            f"{identity_hash(cfg)}); choose another output_dir or --set overwrite=true"
+            f"{digest}); choose another output_dir or --set overwrite=true"
         )
     if cfg.overwrite:
         return "overwrite"
