@@ -294,7 +294,13 @@ def test_identity_hash_ignores_only_execution_fields(assets, tmp_path) -> None:
     from geodistill.finetune import finetune_config
 
     cfg = make_cfg(assets, tmp_path / "run")
-    assert identity_hash(cfg) == config_hash(cfg)  # fields at their defaults: the plain hash, unchanged
+    # fields at their defaults: the plain hash of the config as it was before group_by_length existed
+    before = to_dict(cfg)
+    for section in ("train", "teacher_train"):
+        del before[section]["group_by_length"]
+    assert identity_hash(cfg) == config_hash(before)
+    grouped = replace(cfg, train=replace(cfg.train, group_by_length=True))
+    assert identity_hash(grouped) != identity_hash(cfg)  # a later field that is used changes the run
     how = replace(
         cfg,
         train=replace(cfg.train, threads=1, device="cpu", parallel="fsdp", save_every=2, num_workers=2),
@@ -332,3 +338,92 @@ def test_every_shipped_config_loads() -> None:
         else:
             cfg = load_config(DistillConfig, path)
             assert to_dict(from_dict(DistillConfig, to_dict(cfg))) == to_dict(cfg), name
+
+
+def test_shipped_results_keep_their_identity() -> None:
+    """Every finished row of the committed main table still hashes as its planned run (nothing reruns)."""
+    from geodistill.cli import CONFIG_DIR
+    from geodistill.experiments import expand, load_sweep, read_rows
+
+    root = Path(__file__).resolve().parents[1]
+    plan = expand(load_sweep(CONFIG_DIR / "experiments" / "main.yaml"))
+    done = {r["config_hash"] for r in read_rows(root / "experiments" / "main" / "results.jsonl")}
+    assert len(plan) == 84 and {run.config_hash for run in plan} <= done
+
+
+def test_length_grouped_batches() -> None:
+    from geodistill.train import EpochSampler, ShardedBatches, length_grouped
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 64, (1000,), generator=gen).tolist()
+    order = torch.randperm(1000, generator=gen).tolist()
+    batches = length_grouped(order, lengths, 8, seed=3, epoch=0)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(1000)) and all(len(b) == 8 for b in batches)  # each example once
+    assert batches == length_grouped(order, lengths, 8, seed=3, epoch=0)  # a pure function: resumable
+    assert batches != length_grouped(order, lengths, 8, seed=3, epoch=1)
+    padded = sum(8 * max(lengths[i] for i in b) for b in batches)
+    plain = sum(8 * max(lengths[i] for i in order[j : j + 8]) for j in range(0, 1000, 8))
+    real = sum(lengths)
+    assert padded - real < 0.25 * (plain - real)  # most of the padding is gone
+    # through the sampler: epochs differ, and two ranks split one process's batches
+    one = ShardedBatches(EpochSampler(1000, 5), 8, lengths=lengths)
+    ranks = [ShardedBatches(EpochSampler(1000, 5), 8, r, 2, lengths=lengths) for r in (0, 1)]
+    for epoch in (0, 1):
+        for s in (one, *ranks):
+            s.set_epoch(epoch)
+        single, r0, r1 = list(one), list(ranks[0]), list(ranks[1])
+        usable = len(single) // 2 * 2  # 125 batches: the odd one out is dropped under 2 ranks
+        assert single[0:usable:2] == r0 and single[1:usable:2] == r1
+
+
+def test_group_by_length_trains_and_resumes(assets, tmp_path) -> None:
+    common = ["train.max_steps=6", "train.save_every=2", "train.eval_every=2", "train.batch_size=4"]
+    common += ["train.group_by_length=true", "losses.1.pooling=tokens"]
+    ra, res_a = run(make_cfg(assets, tmp_path / "a", *common, teacher=TEACHER))
+
+    class Interrupt(Exception):
+        pass
+
+    def crash_at_3(event: str, state: dict) -> None:
+        if state["step"] == 3:
+            raise Interrupt
+
+    cfg_b = make_cfg(assets, tmp_path / "b", *common, teacher=TEACHER)
+    with pytest.raises(Interrupt):
+        run(cfg_b, callbacks=[crash_at_3])
+    rb, res_b = run(cfg_b)
+    wa, wb = weights(ra.student), weights(rb.student)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and res_a["dev"] == res_b["dev"]
+    plain, _ = run(make_cfg(assets, tmp_path / "c", *common[:-2], "losses.1.pooling=tokens", teacher=TEACHER))
+    assert any(not torch.equal(v, weights(plain.student)[k]) for k, v in wa.items())  # a different order
+
+
+def test_one_teacher_pass_serves_every_pooled_tap(assets, tmp_path, monkeypatch) -> None:
+    """KD, CLS and mean terms on any layers share one cached teacher pass; token taps get their own."""
+    import geodistill.train as train_module
+
+    monkeypatch.setenv("GEODISTILL_CACHE", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "teacher_outputs"
+    before: set[Path] = set()
+    variants = [
+        "losses=[{name: kd}]",
+        "losses=[{name: kd}, {name: procrustes, layers: last, pooling: cls}]",
+        "losses=[{name: kd}, {name: gram, layers: uniform, pooling: mean}]",
+    ]
+    runs = [setup(make_cfg(assets, tmp_path / f"r{i}", v), progress=False) for i, v in enumerate(variants)]
+    assert len(set(cache.glob("*.pt")) - before) == 1
+    batch = runs[2].task.collate([runs[2].task.dataset("train")[i] for i in (0, 5)])
+    taps = runs[2].objective.teacher_taps()
+    live = runs[2].task.forward(runs[2].teacher, batch, taps, teacher=True)
+    cached = runs[0].teacher_cache.lookup(batch, taps, torch.device("cpu"))  # built by the KD-only run
+    assert all(torch.allclose(live.features[t], cached.features[t], atol=1e-5) for t in taps)
+    setup(make_cfg(assets, tmp_path / "tok", "losses.1.pooling=tokens"), progress=False)
+    assert len(set(cache.glob("*.pt")) - before) == 2
+    # over the budget: only the requested taps are kept
+    monkeypatch.setattr(train_module, "POOLED_CACHE_BYTES", 0)
+    small = train_module.cached_taps([(2, "cls")], runs[0].teacher, 100)
+    assert small == [(2, "cls")]
+    monkeypatch.undo()
+    n = runs[0].teacher.config.num_hidden_layers + 1
+    assert len(train_module.cached_taps([(2, "cls")], runs[0].teacher, 100)) == 2 * n

@@ -212,6 +212,11 @@ class TrainConfig:
         "(classification only; LM teachers run live)",
         default=True,
     )
+    group_by_length: bool = _help(
+        "batch examples of similar length together (shuffled groups of 50 batches sorted by length, then the "
+        "batches shuffled; as transformers' group_by_length): less padding, same examples per epoch",
+        default=False,
+    )
     num_workers: int = _help("DataLoader worker processes", default=0)
     parallel: Literal["ddp", "fsdp"] = _help(
         "under torchrun / accelerate launch: ddp replicates the student on every process; fsdp (FSDP2) shards "
@@ -379,15 +384,39 @@ def _reset_execution(obj: Any) -> Any:
     return dataclasses.replace(obj, **changes) if changes else obj
 
 
+#: fields added after results were recorded: left out of the identity while at their default, so
+#: that configs which do not use them keep the hash of their finished runs and cached teachers
+ADDED_LATER: dict[type, tuple[str, ...]] = {
+    TrainConfig: ("group_by_length",),
+}
+
+
+def _identity_view(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.name in ADDED_LATER.get(type(obj), ()) and value == f.default:
+                continue
+            out[f.name] = _identity_view(value)
+        return out
+    if isinstance(obj, dict):
+        return {k: _identity_view(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_identity_view(v) for v in obj]
+    return obj
+
+
 def identity_hash(obj: Any, length: int = 12) -> str:
     """``config_hash`` of a config with its execution-only fields at their defaults.
 
     Threads, device, DDP/FSDP, data-loader workers, checkpoint cadence and teacher sharding say how a
     run executes, not what it computes, so a teacher fine-tuned with 2 threads is reused by a run
     with 8, a run resumes on another device, and a sweep row stays finished. Configs that leave those
-    fields at their defaults hash exactly as ``config_hash`` hashes them.
+    fields (and the fields of :data:`ADDED_LATER`) at their defaults hash exactly as ``config_hash``
+    hashed them before those fields existed.
     """
-    return config_hash(_reset_execution(obj), length)
+    return config_hash(_identity_view(_reset_execution(obj)), length)
 
 
 # ------------------------------------------------------------------------------------------

@@ -200,8 +200,16 @@ class TeacherCache:
             feats = {(int(k.split(":")[0]), k.split(":")[1]): v for k, v in blob["features"].items()}
             return cls(blob["logits"], feats, blob.get("offsets"))
         ds = task.dataset("train")
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=task.collate)
-        logits, feats, lengths = [], {t: [] for t in taps}, []
+        ids_key = "t_input_ids" if task.separate_teacher_inputs else "input_ids"
+        lens = torch.tensor([len(ids) for ids in ds[ids_key]], dtype=torch.long)
+        # longest first, in batches of similar length: little padding; rows are put back in example order
+        by_length = torch.argsort(-lens, stable=True).tolist()
+        batches = [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
+        loader = DataLoader(ds, batch_sampler=batches, collate_fn=task.collate)
+        n = len(ds)
+        logits: Tensor | None = None
+        pooled: dict[Tap, Tensor] = {}
+        tokens: dict[Tap, list[Tensor | None]] = {t: [None] * n for t in taps if t[1] == "tokens"}
         teacher.eval()
         iterator = loader
         if progress:
@@ -210,16 +218,26 @@ class TeacherCache:
             iterator = tqdm(loader, desc="teacher outputs (cached once)", leave=False)
         with torch.no_grad():
             for batch in iterator:
+                idx = batch["idx"]
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out = task.forward(teacher, batch, taps, teacher=True)
-                logits.append(out.logits.float().cpu())
+                if logits is None:
+                    logits = torch.zeros(n, out.logits.shape[-1])
+                logits[idx] = out.logits.float().cpu()
                 for t in taps:
-                    feats[t].append(out.features[t].float().cpu())
-                mask_key = "t_attention_mask" if task.separate_teacher_inputs else "attention_mask"
-                lengths.append(batch[mask_key].sum(1).cpu())
-        lens = torch.cat(lengths)
+                    value = out.features[t].float().cpu()
+                    if t in tokens:  # (valid tokens of the batch, d), row-major: split per example
+                        for i, rows in zip(idx.tolist(), value.split(lens[idx].tolist()), strict=True):
+                            tokens[t][i] = rows
+                    else:
+                        if t not in pooled:
+                            pooled[t] = torch.zeros(n, value.shape[-1])
+                        pooled[t][idx] = value
+        if logits is None:  # no training examples: the trainer stops with a message naming the data
+            logits = torch.zeros(0, 0)
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
-        cache = cls(torch.cat(logits), {t: torch.cat(v) for t, v in feats.items()}, offsets)
+        feats = {**pooled, **{t: torch.cat(rows) for t, rows in tokens.items()}}  # type: ignore[arg-type]
+        cache = cls(logits, feats, offsets)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

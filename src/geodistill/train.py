@@ -220,15 +220,25 @@ class ShardedBatches(Sampler[list[int]]):
     are dropped (every rank must take the same number of steps); with one process nothing is.
     """
 
-    def __init__(self, sampler: EpochSampler, batch_size: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self,
+        sampler: EpochSampler,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        lengths: list[int] | None = None,
+    ) -> None:
         self.sampler, self.batch_size, self.rank, self.world = sampler, batch_size, rank, world
+        self.lengths = lengths
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
     def _all(self) -> list[list[int]]:
         order = list(self.sampler)
-        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.lengths is None:
+            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return length_grouped(order, self.lengths, self.batch_size, self.sampler.seed, self.sampler.epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._all()
@@ -237,6 +247,28 @@ class ShardedBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return math.ceil(self.sampler.n / self.batch_size) // self.world
+
+
+#: examples per length-sorted group, in batches (as transformers' LengthGroupedSampler)
+MEGABATCH = 50
+
+
+def length_grouped(order: list[int], lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of similar length from a shuffled ``order``, in a shuffled batch order.
+
+    ``order`` is cut into groups of ``MEGABATCH`` batches; each group is sorted by length (longest
+    first, ties in shuffled order) and cut into batches; the batches are then shuffled with a
+    generator of ``(seed, epoch)``. Every example still appears once per epoch, the order is a pure
+    function of seed, epoch and lengths (paired across methods, exact on resume), and batches pad
+    to nearly their own examples' length instead of the longest of a random draw.
+    """
+    group = MEGABATCH * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(order), group):
+        chunk = sorted(order[start : start + group], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919)
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 # ------------------------------------------------------------------------------------------
@@ -452,7 +484,7 @@ def setup(
 
     run = Run(cfg, tcfg, out, task, student, teacher, objective, tokenizer, metadata=run_metadata(cfg, kind))
     if teacher is not None and tcfg.cache_teacher:
-        taps = objective.teacher_taps()
+        taps = cached_taps(objective.teacher_taps(), teacher, len(task.dataset("train")))
         key = {"teacher": _model_fingerprint(teacher_name), "task": task.cache_key(), "taps": taps}
         with process_state(tcfg).main_process_first():  # computed once, then read by the other ranks
             run.teacher_cache = TeacherCache.build(
@@ -465,6 +497,32 @@ def setup(
                 progress=progress,
             )
     return run
+
+
+#: pooled teacher features of every layer are cached when they take at most this many bytes
+POOLED_CACHE_BYTES = 256 * 2**20
+
+
+def cached_taps(taps: list[Tap], teacher: nn.Module, n_examples: int) -> list[Tap]:
+    """The teacher taps to cache: ``taps`` plus the CLS and mean vectors of every layer when small.
+
+    The teacher pass costs the same whichever pooled vectors it keeps, so one cache then serves
+    every method, layer map and pooling of a sweep or the demo (KD-only runs build it too) and the
+    teacher runs once per task instead of once per tap set. Token taps stay as requested: they are
+    n_tokens x d each. Falls back to ``taps`` alone when the pooled vectors of all layers would
+    exceed :data:`POOLED_CACHE_BYTES` (large teachers on large training sets).
+    """
+    from geodistill import models
+
+    n_layers = getattr(getattr(teacher, "config", None), "num_hidden_layers", None)
+    if not isinstance(n_layers, int):
+        return list(taps)
+    layers = n_layers + 1
+    pooled_bytes = n_examples * layers * 2 * models.hidden_size(teacher) * 4
+    if pooled_bytes > POOLED_CACHE_BYTES:
+        return list(taps)
+    everything = {(layer, p) for layer in range(layers) for p in ("cls", "mean")} | set(taps)
+    return sorted(everything)
 
 
 def feature_pairs(
@@ -598,8 +656,9 @@ def train(
         raise ConfigError(
             f"data.name: the training split of {run.cfg.data.name!r} is empty (after subsampling and filtering)"
         )
+    lengths = [len(ids) for ids in train_set["input_ids"]] if cfg.group_by_length else None
     batches = ShardedBatches(
-        EpochSampler(len(train_set), cfg.seed), cfg.batch_size, acc.process_index, acc.num_processes
+        EpochSampler(len(train_set), cfg.seed), cfg.batch_size, acc.process_index, acc.num_processes, lengths
     )
     if len(batches) == 0:
         raise ConfigError(
