@@ -178,6 +178,13 @@ def test_identical_runs_tie_with_zero_difference() -> None:
     (c,) = analyse(rows + twin, resamples=500).comparisons
     assert c.verdict == "tie" and c.mean_diff == 0 and c.p_t == 1.0 and c.p_wilcoxon == 1.0
     assert c.verdict_text() == "tie (no detectable difference; MDE = 0.00 points)"
+    # a difference the t-test alone could detect but Holm's correction leaves insignificant is not
+    # called "no detectable difference"
+    from dataclasses import replace
+
+    big = replace(c, mean_diff=-3.71, mde=0.99, p_t_holm=0.06)
+    assert big.verdict_text() == "tie (not significant after Holm correction; MDE = 0.99 points)"
+    assert replace(c, mean_diff=0.5, mde=0.99).verdict_text().startswith("tie (no detectable difference")
 
 
 def test_unpaired_runs_are_refused_clearly() -> None:

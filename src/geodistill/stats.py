@@ -16,7 +16,8 @@ initialisation, data order and dropout by seed, identically across methods):
 * the number of seeds that 80% power at a 0.5-point difference would need.
 
 Verdict: ``win`` when the interval lies above 0 and the Holm-adjusted t-test p < 0.05, ``loss``
-symmetrically, otherwise ``tie`` (no detectable difference, with the MDE beside it).
+symmetrically, otherwise ``tie`` (with the MDE beside it; said "not significant after Holm
+correction" rather than "no detectable difference" when the observed difference is at least the MDE).
 """
 
 from __future__ import annotations
@@ -233,6 +234,10 @@ class Comparison:
 
     def verdict_text(self) -> str:
         if self.verdict == "tie":
+            if math.isfinite(self.mde) and self.mde > 0 and abs(self.mean_diff) >= self.mde:
+                # as large as the t-test could detect alone, but not significant after Holm (or the
+                # interval touches 0): a candidate effect, not a finding
+                return f"tie (not significant after Holm correction; MDE = {_num(self.mde)} points)"
             return f"tie (no detectable difference; MDE = {_num(self.mde)} points)"
         if self.verdict == "too few pairs":
             return f"no test ({self.pairs} pair{'s' if self.pairs != 1 else ''}; need at least 2)"
