@@ -40,6 +40,21 @@ def run64(cfg: DistillConfig):
     return r
 
 
+class Interrupt(Exception):
+    pass
+
+
+def interrupt(cfg: DistillConfig, at_step: int) -> None:
+    """Run ``cfg`` until it reaches ``at_step`` and stop it there, as a kill would."""
+
+    def crash(event: str, state: dict) -> None:
+        if state["step"] == at_step:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(cfg, callbacks=[crash])
+
+
 def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -146,16 +161,8 @@ def test_resume_is_bit_identical(assets, tmp_path) -> None:
     cfg_a = make_cfg(assets, tmp_path / "a", *common, teacher=TEACHER)
     ra, res_a = run(cfg_a)
 
-    class Interrupt(Exception):
-        pass
-
-    def crash_at_5(event: str, state: dict) -> None:
-        if state["step"] == 5:
-            raise Interrupt
-
     cfg_b = make_cfg(assets, tmp_path / "b", *common, teacher=TEACHER)
-    with pytest.raises(Interrupt):
-        run(cfg_b, callbacks=[crash_at_5])
+    interrupt(cfg_b, at_step=5)
     assert json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[-1])["step"] == 5
     rb, res_b = run(cfg_b)  # resumes from the step-3 checkpoint
     wa, wb = weights(ra.student), weights(rb.student)
@@ -381,17 +388,8 @@ def test_group_by_length_trains_and_resumes(assets, tmp_path) -> None:
     common = ["train.max_steps=6", "train.save_every=2", "train.eval_every=2", "train.batch_size=4"]
     common += ["train.group_by_length=true", "losses.1.pooling=tokens"]
     ra, res_a = run(make_cfg(assets, tmp_path / "a", *common, teacher=TEACHER))
-
-    class Interrupt(Exception):
-        pass
-
-    def crash_at_3(event: str, state: dict) -> None:
-        if state["step"] == 3:
-            raise Interrupt
-
     cfg_b = make_cfg(assets, tmp_path / "b", *common, teacher=TEACHER)
-    with pytest.raises(Interrupt):
-        run(cfg_b, callbacks=[crash_at_3])
+    interrupt(cfg_b, at_step=3)
     rb, res_b = run(cfg_b)
     wa, wb = weights(ra.student), weights(rb.student)
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and res_a["dev"] == res_b["dev"]
@@ -405,21 +403,20 @@ def test_one_teacher_pass_serves_every_pooled_tap(assets, tmp_path, monkeypatch)
 
     monkeypatch.setenv("GEODISTILL_CACHE", str(tmp_path / "cache"))
     cache = tmp_path / "cache" / "teacher_outputs"
-    before: set[Path] = set()
     variants = [
         "losses=[{name: kd}]",
         "losses=[{name: kd}, {name: procrustes, layers: last, pooling: cls}]",
         "losses=[{name: kd}, {name: gram, layers: uniform, pooling: mean}]",
     ]
     runs = [setup(make_cfg(assets, tmp_path / f"r{i}", v), progress=False) for i, v in enumerate(variants)]
-    assert len(set(cache.glob("*.pt")) - before) == 1
+    assert len(list(cache.glob("*.pt"))) == 1
     batch = runs[2].task.collate([runs[2].task.dataset("train")[i] for i in (0, 5)])
     taps = runs[2].objective.teacher_taps()
     live = runs[2].task.forward(runs[2].teacher, batch, taps, teacher=True)
     cached = runs[0].teacher_cache.lookup(batch, taps, torch.device("cpu"))  # built by the KD-only run
     assert all(torch.allclose(live.features[t], cached.features[t], atol=1e-5) for t in taps)
     setup(make_cfg(assets, tmp_path / "tok", "losses.1.pooling=tokens"), progress=False)
-    assert len(set(cache.glob("*.pt")) - before) == 2
+    assert len(list(cache.glob("*.pt"))) == 2
     # over the budget: only the requested taps are kept
     monkeypatch.setattr(train_module, "POOLED_CACHE_BYTES", 0)
     small = train_module.cached_taps([(2, "cls")], runs[0].teacher, 100)

@@ -70,6 +70,11 @@ class ClassificationTask:
     def num_labels(self) -> int:
         return len(self.data.label_names)
 
+    def lengths(self, split: str, *, teacher: bool = False) -> list[int]:
+        """Token count of every example of ``split`` (the teacher's own ids when it has them)."""
+        key = "t_input_ids" if teacher and self.separate_teacher_inputs else "input_ids"
+        return [len(ids) for ids in self.dataset(split)[key]]
+
     def dataset(self, split: str) -> Any:
         """Tokenised split with columns input_ids, attention_mask[, token_type_ids], labels, idx."""
         if split not in self._tokenized:
@@ -200,8 +205,7 @@ class TeacherCache:
             feats = {(int(k.split(":")[0]), k.split(":")[1]): v for k, v in blob["features"].items()}
             return cls(blob["logits"], feats, blob.get("offsets"))
         ds = task.dataset("train")
-        ids_key = "t_input_ids" if task.separate_teacher_inputs else "input_ids"
-        lens = torch.tensor([len(ids) for ids in ds[ids_key]], dtype=torch.long)
+        lens = torch.tensor(task.lengths("train", teacher=True), dtype=torch.long)
         # longest first, in batches of similar length: little padding; rows are put back in example order
         by_length = torch.argsort(-lens, stable=True).tolist()
         batches = [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]

@@ -656,7 +656,7 @@ def train(
         raise ConfigError(
             f"data.name: the training split of {run.cfg.data.name!r} is empty (after subsampling and filtering)"
         )
-    lengths = [len(ids) for ids in train_set["input_ids"]] if cfg.group_by_length else None
+    lengths = run.task.lengths("train") if cfg.group_by_length else None
     batches = ShardedBatches(
         EpochSampler(len(train_set), cfg.seed), cfg.batch_size, acc.process_index, acc.num_processes, lengths
     )
