@@ -198,6 +198,17 @@ def test_base_include_file_and_overrides(tmp_path: Path) -> None:
     }
     assert {r.config.train.seed for r in plan} == {5}
     assert len(plan) == 3 * 2
+    # a dotted axis is one key of grid (and of quick.set), not a nested mapping
+    dotted = load_sweep(
+        included,
+        ["grid.data.split_seed=[1,2]", "grid.seed=[0]", "quick.set.train.max_steps=3"],
+    )
+    assert dotted.grid["data.split_seed"] == [1, 2] and dotted.quick.set["train.max_steps"] == 3
+    plan = expand(dotted)
+    assert sorted({r.config.data.split_seed for r in plan}) == [1, 2]
+    assert {r.config.train.max_steps for r in expand(dotted, quick=True)} == {3}
+    with pytest.raises(ConfigError, match="grid.data.spilt_seed"):
+        expand(load_sweep(included, ["grid.data.spilt_seed=[1]"]))
     as_path = write_sweep(tmp_path, sweep_dict(tmp_path, base="configs/rt.yaml"), "s2.yaml")
     assert load_sweep(as_path).base["train"]["max_steps"] == 7
     assert load_sweep(as_path).name == "t"

@@ -482,15 +482,28 @@ def _index(key: str, dotted: str, n: int) -> int:
     return int(key)
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict, overrides: list[str], flat: tuple[str, ...] = ()) -> dict:
     """Apply ``key.sub=value`` strings (values parsed as YAML; list items by index, ``losses.1.weight=2``;
-    the index one past the end appends, ``losses.2={name: gram}``)."""
+    the index one past the end appends, ``losses.2={name: gram}``). Under a prefix in ``flat`` the rest
+    of the key is one key, dots included: with ``flat=("grid.",)``, ``grid.data.seed=[1]`` sets the
+    mapping ``grid``'s key ``data.seed``."""
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), _yaml().safe_load(raw) if raw.strip() else "")
+        key = key.strip()
+        value = _yaml().safe_load(raw) if raw.strip() else ""
+        prefix = next((p for p in flat if key.startswith(p) and len(key) > len(p)), None)
+        if prefix is None:
+            _set_path(data, key, value)
+            continue
+        node = data
+        for part in prefix[:-1].split("."):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {prefix[:-1]} is not a mapping")
+        node[key[len(prefix) :]] = value
     return data
 
 

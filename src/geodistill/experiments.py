@@ -173,15 +173,21 @@ class SweepSummary:
 # loading and validation
 
 
+# Mappings whose keys are dotted config paths: ``--set grid.data.split_seed=[1,2]`` names the axis
+# ``data.split_seed``, not a key ``split_seed`` under a key ``data``.
+SWEEP_FLAT_KEYS = ("grid.", "quick.grid.", "quick.set.")
+
+
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
-    """Read a sweep YAML file plus ``--set`` overrides (``grid.seed=[0,1]``, ``base.train.lr=1e-4``)."""
+    """Read a sweep YAML file plus ``--set`` overrides (``grid.seed=[0,1]``, ``base.train.lr=1e-4``,
+    ``grid.data.split_seed=[1,2]``)."""
     from geodistill.config import apply_overrides
 
     path = Path(path)
     data = read_yaml(path)
     if "base" in data:
         data["base"] = _resolve_base(data["base"], path.parent)
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(data, overrides or [], flat=SWEEP_FLAT_KEYS)
     data.setdefault("name", path.stem)
     return parse_sweep(data)
 
