@@ -207,7 +207,7 @@ def test_base_include_file_and_overrides(tmp_path: Path) -> None:
     plan = expand(dotted)
     assert sorted({r.config.data.split_seed for r in plan}) == [1, 2]
     assert {r.config.train.max_steps for r in expand(dotted, quick=True)} == {3}
-    with pytest.raises(ConfigError, match="grid.data.spilt_seed"):
+    with pytest.raises(ConfigError, match=r"grid\.data\.spilt_seed"):
         expand(load_sweep(included, ["grid.data.spilt_seed=[1]"]))
     as_path = write_sweep(tmp_path, sweep_dict(tmp_path, base="configs/rt.yaml"), "s2.yaml")
     assert load_sweep(as_path).base["train"]["max_steps"] == 7

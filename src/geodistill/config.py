@@ -456,8 +456,9 @@ def read_yaml(path: str | Path) -> dict:
     return _merge(base, data)
 
 
-def _set_path(data: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
+def _set_path(data: dict, dotted: str, value: Any, keys: list[str] | None = None) -> None:
+    """Set ``dotted`` (split at its dots, or into ``keys`` when given) in ``data``."""
+    keys = keys if keys is not None else dotted.split(".")
     node: Any = data
     for i, key in enumerate(keys[:-1]):
         if isinstance(node, list):
@@ -495,15 +496,8 @@ def apply_overrides(data: dict, overrides: list[str], flat: tuple[str, ...] = ()
         key = key.strip()
         value = _yaml().safe_load(raw) if raw.strip() else ""
         prefix = next((p for p in flat if key.startswith(p) and len(key) > len(p)), None)
-        if prefix is None:
-            _set_path(data, key, value)
-            continue
-        node = data
-        for part in prefix[:-1].split("."):
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {prefix[:-1]} is not a mapping")
-        node[key[len(prefix) :]] = value
+        keys = None if prefix is None else [*prefix[:-1].split("."), key[len(prefix) :]]
+        _set_path(data, key, value, keys)
     return data
 
 
