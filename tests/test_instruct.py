@@ -343,6 +343,35 @@ def test_sampling_is_seeded_and_leaves_the_callers_rng_alone(assets) -> None:
     assert out["rougeL"] == pytest.approx((out["rougeL@seed1"] + out["rougeL@seed2"]) / 2)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_answer_likelihood_is_the_full_forward_on_each_example(arch: str, assets) -> None:
+    """Right-padded, length-sorted batches score each reference answer as the model's own full
+    forward on that example alone does: log-probability of every answer token (and EOS) given
+    everything before it, and top-1 hits, over all answer tokens of the split."""
+    model = tiny_lm(arch, layers=2, seed=5)
+    task = make_task(assets, tiny_tokenizer(chat=True))
+    ds = task.dataset("dev")
+    logprob, hits, count = 0.0, 0, 0
+    for row in ds:
+        ids = torch.tensor([row["input_ids"]])
+        answer = torch.tensor(row["labels"]) != -100
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].double()
+        at = answer[1:]  # position t predicts token t + 1
+        target = ids[0, 1:][at]
+        logprob += float(torch.log_softmax(logits[at], -1).gather(1, target[:, None]).sum())
+        hits += int((logits[at].argmax(-1) == target).sum())
+        count += int(at.sum())
+    assert count > len(ds)  # answers of several tokens, plus EOS
+    out = task.answer_likelihood(model, "dev", batch_size=3, device=torch.device("cpu"))
+    assert out["answer_logprob"] == pytest.approx(logprob / count, rel=1e-5)
+    assert out["answer_token_accuracy"] == hits / count
+    assert model.training is False
+    model.train()
+    task.answer_likelihood(model, "dev", batch_size=8, device=torch.device("cpu"))
+    assert model.training  # restored
+
+
 def test_score_answers() -> None:
     out = score_answers(["w1 w2", "The w3.", "x"], [["w1 w2"], ["w3", "w4"], ["w5"]])
     assert out["exact_match"] == pytest.approx(2 / 3)  # articles and punctuation normalised away
@@ -397,8 +426,9 @@ def test_tiny_distillation_runs(losses, student, assets, tmp_path: Path) -> None
         assert not run.teacher.training
     assert results["steps"] == 2 and results["metric"] == "rougeL"
     for split in ("dev", "test"):
-        assert set(results[split]) == {"rougeL", "exact_match"}
+        assert set(results[split]) == {"rougeL", "exact_match", "answer_logprob", "answer_token_accuracy"}
         assert 0 <= results[split]["rougeL"] <= 1
+        assert results[split]["answer_logprob"] < 0 <= results[split]["answer_token_accuracy"] <= 1
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     keys = {k for row in log for k in row if k.startswith("loss/")}
     assert keys == {f"loss/{k}" for k in run.objective.pairs} | {f"loss/{t.key}" for t in run.objective.terms}

@@ -30,6 +30,8 @@ Evaluation generates answers in batches (left padding) and scores ROUGE-L (``rou
 Porter stemming; its tokeniser lower-cases and keeps ASCII letters and digits, see
 :func:`geodistill.evaluate.rouge_l`) against every reference (maximum), plus exact match after
 SQuAD normalisation (:func:`geodistill.evaluate.exact_match`, meaningful for short answers).
+It also scores the reference answers teacher-forced (``answer_logprob``, mean log-probability per
+answer token, and ``answer_token_accuracy``): no generation, and much less noise on small sets.
 Dev selection during training decodes greedily; the final report follows the configured
 decoding, e.g. the MiniLLM protocol (:data:`MINILLM_SAMPLING`: temperature 1, top-p 1, seeds
 10..50, mean and std over seeds).
@@ -249,7 +251,8 @@ class InstructionTask:
 
     Training rows are ``prompt + answer + EOS`` (right padding); labels are ``-100`` on the
     prompt and padding. Outputs are per answer token: ``logits`` (N, V), ``targets`` (N,),
-    ``count = N``. Evaluation generates answers (left padding) and scores ROUGE-L and exact match.
+    ``count = N``. Evaluation generates answers (left padding) and scores ROUGE-L and exact match,
+    and scores the reference answers teacher-forced (log-probability and token accuracy).
 
     Args:
         data: train/dev/test splits and evaluation sets (:func:`geodistill.data.load_instructions`).
@@ -407,7 +410,8 @@ class InstructionTask:
         options: GenerationOptions | None = None,
         predictions_dir: str | Path | None = None,
     ) -> dict[str, float]:
-        """ROUGE-L and exact match (fractions) of generated answers on ``split``.
+        """ROUGE-L and exact match (fractions) of generated answers on ``split``, and the
+        teacher-forced scores of its reference answers (:meth:`answer_likelihood`).
 
         ``dev`` decodes greedily (checkpoint selection); other splits use ``self.report``.
         ``test`` also scores every other evaluation set, as ``<name>/rougeL`` etc. With
@@ -426,6 +430,7 @@ class InstructionTask:
             desc=split,
             predictions_file=None if predictions_dir is None else Path(predictions_dir) / f"{split}.jsonl",
         )
+        out.update(self.answer_likelihood(model, split, batch_size=batch_size, device=device))
         if split == "test":
             test = self.data.splits["test"]
             for name, ds in self.data.eval_sets.items():
@@ -441,6 +446,35 @@ class InstructionTask:
                 )
                 out.update({f"{name}/{k}": v for k, v in extra.items()})
         return out
+
+    @torch.no_grad()
+    def answer_likelihood(
+        self, model: nn.Module, split: str, *, batch_size: int, device: torch.device
+    ) -> dict[str, float]:
+        """Teacher-forced scores of the reference answers (``output`` + EOS, as in training) on ``split``.
+
+        ``answer_logprob``: mean log-probability per answer token in nats (higher is better; minus
+        it is the NLL, ``exp(-answer_logprob)`` the perplexity); ``answer_token_accuracy``: the
+        fraction of answer tokens that are the model's top-1 prediction. One forward per batch, no
+        generation: cheap, and on a few hundred examples far less noisy than ROUGE-L.
+        """
+        ds = self.dataset(split)
+        if len(ds) == 0:
+            raise ValueError(f"{split}: no examples to evaluate")
+        order = sorted(range(len(ds)), key=lambda i: len(ds[i]["input_ids"]))  # less padding
+        was_training = model.training
+        model.eval()
+        logprob, correct, count = 0.0, 0, 0
+        for start in range(0, len(order), batch_size):
+            batch = self.collate([ds[i] for i in order[start : start + batch_size]])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = self.forward(model, batch, ())
+            logits = out.logits.float()
+            logprob += float(torch.log_softmax(logits, dim=-1).gather(1, out.targets[:, None]).sum())
+            correct += int((logits.argmax(dim=-1) == out.targets).sum())
+            count += out.count
+        model.train(was_training)
+        return {"answer_logprob": logprob / count, "answer_token_accuracy": correct / count}
 
     def cache_key(self) -> dict[str, Any]:
         """What determines the tokenised training rows."""
