@@ -334,9 +334,21 @@ def test_real_launchers_run_distill_on_two_processes(assets, tmp_path: Path, lau
     if launcher == "torchrun":
         cmd = [str(bindir / "torchrun"), "--nproc-per-node", "2", "--master-port", port]
     else:
-        cmd = [str(bindir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", port]
+        cmd = [
+            str(bindir / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            port,
+        ]
     cmd += ["-m", "geodistill.cli", "distill", str(config_file), "--quiet"]
     done = subprocess.run(cmd, env=_launcher_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -347,6 +359,7 @@ def test_real_launchers_run_distill_on_two_processes(assets, tmp_path: Path, lau
     from transformers import AutoModelForSequenceClassification
 
     ddp = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ddp" / "best").state_dict()
+
     # the saved student is the bare transformers model: no wrapper prefix, no projection heads
     def bare(state: dict) -> dict:
         return {k.removeprefix("model."): v for k, v in state.items()}

@@ -187,6 +187,27 @@ def test_identical_runs_tie_with_zero_difference() -> None:
     assert replace(c, mean_diff=0.5, mde=0.99).verdict_text().startswith("tie (no detectable difference")
 
 
+def test_a_metric_that_is_not_a_fraction_keeps_its_units(tmp_path: Path) -> None:
+    """A log-probability (negative, in nats) is neither scaled to percent nor called "points"."""
+    rows = rows_for({("kd", None): 0.0, ("kd+procrustes", 1): 0.01})
+    for r in rows:
+        r["test.answer_logprob"] = -3.0 + 10 * (r["test.accuracy"] - 0.7)  # +0.1 nats for +1 point
+    a = analyse(rows, metric="test.answer_logprob", resamples=500)
+    (c,) = a.comparisons
+    assert not a.percent and a.unit == "units" and c.unit == "units"
+    assert c.mean_diff == pytest.approx(0.1, abs=0.03)  # nats, not 100 x nats
+    kd = next(g for g in a.groups if g.treatment["method"] == "kd")
+    assert kd.mean == pytest.approx(np.mean([r["test.answer_logprob"] for r in rows if r["method"] == "kd"]))
+    assert c.verdict == "win" and "points" not in c.verdict_text()
+    assert analyse(rows, resamples=100).percent  # accuracy: a fraction, in percent
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, paths = report(path, tmp_path / "report", metric="test.answer_logprob", resamples=200)
+    md = paths["markdown"].read_text()
+    assert "in its own units" in md and "Δ (units)" in md and "points" not in md and "(%)" not in md
+    assert json.loads(paths["json"].read_text())["unit"] == "metric"
+
+
 def test_unpaired_runs_are_refused_clearly() -> None:
     rows = rows_for({("kd", None): 0.0}, seeds=range(5)) + rows_for(
         {("kd+procrustes", 1): 0.01}, seeds=range(5, 10)

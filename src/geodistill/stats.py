@@ -7,7 +7,8 @@ treatment in one setting; its replicates give mean, std and n. Every treatment i
 baseline treatment of the same setting on the replicates both have (paired: the trainer fixes
 initialisation, data order and dropout by seed, identically across methods):
 
-* difference of means in points (metric values are fractions; reported as percentages),
+* difference of means in points (a metric whose values all lie in [0, 1] is a fraction, reported
+  as percentages; any other metric, e.g. a log-probability, keeps its own units),
 * its 95% percentile bootstrap interval (10,000 resamples of the paired differences, seeded),
 * paired t-test and Wilcoxon signed-rank p-values, each Holm-corrected over the comparisons of the
   setting (one family per setting and test),
@@ -184,11 +185,11 @@ def _paired_tests(diffs: np.ndarray) -> tuple[float, float]:
 
 @dataclass
 class Group:
-    """One treatment in one setting, over its replicates; values in percent."""
+    """One treatment in one setting, over its replicates; values in percent (or the metric's units)."""
 
     setting: dict[str, Any]
     treatment: dict[str, Any]
-    values: dict[tuple, float]  # replicate -> metric (percent)
+    values: dict[tuple, float]  # replicate -> metric (percent, or the metric's own units)
     run_dirs: list[Path] = field(default_factory=list)
     loss_terms: tuple[str, ...] = ()
 
@@ -212,7 +213,7 @@ class Group:
 
 @dataclass
 class Comparison:
-    """A treatment against the baseline of its setting, on their common replicates (points)."""
+    """A treatment against the baseline of its setting, on their common replicates (in ``unit``)."""
 
     setting: dict[str, Any]
     treatment: dict[str, Any]
@@ -231,14 +232,15 @@ class Comparison:
     p_t_holm: float = math.nan
     p_wilcoxon_holm: float = math.nan
     verdict: str = ""  # win / loss / tie / too few pairs
+    unit: str = "points"  # percentage points; "units" for a metric that is not a fraction
 
     def verdict_text(self) -> str:
         if self.verdict == "tie":
             if math.isfinite(self.mde) and self.mde > 0 and abs(self.mean_diff) >= self.mde:
                 # as large as the t-test could detect alone, but not significant after Holm (or the
                 # interval touches 0): a candidate effect, not a finding
-                return f"tie (not significant after Holm correction; MDE = {_num(self.mde)} points)"
-            return f"tie (no detectable difference; MDE = {_num(self.mde)} points)"
+                return f"tie (not significant after Holm correction; MDE = {_num(self.mde)} {self.unit})"
+            return f"tie (no detectable difference; MDE = {_num(self.mde)} {self.unit})"
         if self.verdict == "too few pairs":
             return f"no test ({self.pairs} pair{'s' if self.pairs != 1 else ''}; need at least 2)"
         return self.verdict
@@ -259,6 +261,11 @@ class Analysis:
     delta: float = 0.5
     alpha: float = 0.05
     power: float = 0.8
+    percent: bool = True  # values are fractions shown in percent; False: the metric's own units
+
+    @property
+    def unit(self) -> str:
+        return "points" if self.percent else "units"
 
 
 def _hashable(v: Any) -> Any:
@@ -355,6 +362,9 @@ def analyse(
     groups: dict[tuple, Group] = {}
     hashes: dict[tuple, str] = {}
     missing = 0
+    found = [float(r[metric]) for r in ok if r.get(metric) is not None and math.isfinite(float(r[metric]))]
+    percent = all(0.0 <= v <= 1.0 for v in found)  # fractions -> percent; anything else as it is
+    scale = 100.0 if percent else 1.0
     for row in ok:
         value = row.get(metric)
         if value is None or not math.isfinite(float(value)):
@@ -376,7 +386,7 @@ def analyse(
         if rep not in group.values:
             group.run_dirs.append(_run_dir(row, results_dir))
         hashes[(*key, rep)] = digest
-        group.values[rep] = 100.0 * float(value)  # fractions -> percent; a repeated row: the last
+        group.values[rep] = scale * float(value)  # a repeated row: the last
     if missing:
         notes.append(f"{missing} finished run(s) have no value for {metric} and were left out.")
 
@@ -416,6 +426,7 @@ def analyse(
         p_w = holm([c.p_wilcoxon for c in family])
         for c, pt, pw in zip(family, p_t, p_w, strict=True):
             c.p_t_holm, c.p_wilcoxon_holm = float(pt), float(pw)
+            c.unit = "points" if percent else "units"
             if c.pairs < 2:
                 c.verdict = "too few pairs"
             elif c.ci_low > 0 and pt < alpha:
@@ -437,6 +448,7 @@ def analyse(
         delta=delta,
         alpha=alpha,
         power=power,
+        percent=percent,
     )
 
 
@@ -571,7 +583,12 @@ def _key_cells(a: Analysis, setting: dict[str, Any], treatment: dict[str, Any]) 
 
 
 def _group_table(a: Analysis) -> tuple[list[str], list[list[str]]]:
-    header = [*a.columns["setting"], *a.columns["treatment"], "n", f"{a.metric} (%) mean ± std"]
+    header = [
+        *a.columns["setting"],
+        *a.columns["treatment"],
+        "n",
+        f"{a.metric}{' (%)' if a.percent else ''} mean ± std",
+    ]
     rows = []
     for g in _sorted_groups(a):
         std = f" ± {g.std:.2f}" if g.n > 1 else ""
@@ -584,11 +601,11 @@ def _comparison_table(a: Analysis, latex: bool = False) -> tuple[list[str], list
         *a.columns["setting"],
         *a.columns["treatment"],
         "pairs",
-        "Δ (points)",
+        f"Δ ({a.unit})",
         "95% CI",
         "t-test p (Holm)",
         "Wilcoxon p (Holm)",
-        "MDE (points)",
+        f"MDE ({a.unit})",
         f"seeds for {a.power:.0%} power at {a.delta:g}",
         "verdict",
     ]
@@ -637,9 +654,9 @@ def _verdict_lines(a: Analysis) -> list[str]:
         for c in comps:
             lines.append(
                 f"- **{_label(c.treatment)}** vs {_label(c.baseline)}: **{c.verdict_text()}**: "
-                f"{_num(c.mean_diff, True)} points (95% CI {_num(c.ci_low, True)} to {_num(c.ci_high, True)}), "
+                f"{_num(c.mean_diff, True)} {a.unit} (95% CI {_num(c.ci_low, True)} to {_num(c.ci_high, True)}), "
                 f"paired t-test p = {_p(c.p_t_holm)}, Wilcoxon p = {_p(c.p_wilcoxon_holm)} (Holm), "
-                f"{c.pairs} pairs" + ("." if c.verdict == "tie" else f", MDE {_num(c.mde)} points.")
+                f"{c.pairs} pairs" + ("." if c.verdict == "tie" else f", MDE {_num(c.mde)} {a.unit}.")
             )
         lines.append("")
     return lines
@@ -719,7 +736,7 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
         ]
         ax.bar(range(len(groups)), means, yerr=err, color=bar_colours, capsize=3)
         ax.set_xticks(range(len(groups)), [_label(g.treatment) for g in groups], rotation=45, ha="right")
-        ax.set_ylabel(f"{a.metric} (%)")
+        ax.set_ylabel(f"{a.metric}{' (%)' if a.percent else ''}")
         lo = min(lo for lo, _ in cis)
         hi = max(hi for _, hi in cis)
         pad = max(1.0, 0.15 * (hi - lo))
@@ -764,7 +781,7 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
             if min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
                 ax.set_xscale("log")
             ax.set_xlabel("alpha (weight of the geometry term)")
-            ax.set_ylabel(f"{a.metric} (%)")
+            ax.set_ylabel(f"{a.metric}{' (%)' if a.percent else ''}")
             ax.set_title(where, fontsize=9)
             ax.legend(fontsize=7)
             fig.tight_layout()
@@ -817,12 +834,12 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
             if math.isfinite(v):
                 dark = abs(v) > 0.6 * bound
                 ax.text(c, r, f"{v:+.2f}", ha="center", va="center", fontsize=7, color="w" if dark else "k")
-        fig.colorbar(im, ax=ax, label=f"Δ {a.metric} vs {a.baseline} (points)")
+        fig.colorbar(im, ax=ax, label=f"Δ {a.metric} vs {a.baseline} ({a.unit})")
         ax.set_xlabel("layer map")
         fig.tight_layout()
         fig.savefig(out_dir / "layers.png", dpi=120)
         plt.close(fig)
-        figures.append(("layers.png", f"layer ablation: mean difference to {a.baseline} (points)"))
+        figures.append(("layers.png", f"layer ablation: mean difference to {a.baseline} ({a.unit})"))
     return figures
 
 
@@ -885,10 +902,16 @@ def write_report(
         "",
         f"Source: `{source}`; {a.rows_used} finished runs used"
         + (f", {len(a.rows_failed)} failed run(s) left out" if a.rows_failed else "")
-        + f". Metric `{a.metric}` in percent; baseline `{a.baseline}`.",
+        + f". Metric `{a.metric}` "
+        + (
+            "in percent"
+            if a.percent
+            else "in its own units (its values are not all in [0, 1], so not a fraction)"
+        )
+        + f"; baseline `{a.baseline}`.",
         "",
         f"Runs are paired on ({reps}) within each setting ({settings}): the same seed means the same "
-        "initialisation, data order and dropout for every method. Differences are in points (method "
+        f"initialisation, data order and dropout for every method. Differences are in {a.unit} (method "
         "minus baseline) with 95% percentile bootstrap intervals (10,000 resamples of the paired "
         "differences). p-values are two-sided, Holm-corrected over the comparisons of each setting. "
         f"**win**: interval above 0 and Holm-adjusted t-test p < {a.alpha:g}; **loss**: the mirror "
@@ -912,7 +935,7 @@ def write_report(
         "",
         f"MDE: the smallest true mean difference a two-sided paired t-test (level {a.alpha:g}) detects "
         f"with {a.power:.0%} power, from the observed std of the paired differences and the number of "
-        f"pairs (noncentral t). Seeds needed: pairs for {a.power:.0%} power at a {a.delta:g}-point "
+        f"pairs (noncentral t). Seeds needed: pairs for {a.power:.0%} power at a {a.delta:g}-{a.unit[:-1]} "
         "difference with that std.",
         "",
         _markdown(
@@ -922,7 +945,7 @@ def write_report(
                 "pairs",
                 "std of differences",
                 "MDE",
-                f"seeds for {a.delta:g} points",
+                f"seeds for {a.delta:g} {a.unit}",
             ],
             [
                 [
@@ -962,12 +985,17 @@ def write_report(
     tex_c_header, tex_c_rows = _comparison_table(a, latex=True)
     paths["latex"].write_text(
         "% needs \\usepackage{booktabs}\n"
-        + _latex(g_header, g_rows, f"{a.metric} (%), mean ± std over replicates.", "tab:groups")
+        + _latex(
+            g_header,
+            g_rows,
+            f"{a.metric}{' (%)' if a.percent else ''}, mean ± std over replicates.",
+            "tab:groups",
+        )
         + "\n\n"
         + _latex(
             tex_c_header,
             tex_c_rows,
-            f"Difference to {a.baseline} in points, 95% bootstrap CI, Holm-corrected paired tests.",
+            f"Difference to {a.baseline} in {a.unit}, 95% bootstrap CI, Holm-corrected paired tests.",
             "tab:comparisons",
         )
         + "\n"
@@ -985,6 +1013,7 @@ def _finite(v: float) -> float | None:
 def _summary(a: Analysis) -> dict[str, Any]:
     return {
         "metric": a.metric,
+        "unit": "percent" if a.percent else "metric",
         "baseline": a.baseline,
         "columns": a.columns,
         "groups": [
