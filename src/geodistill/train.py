@@ -253,7 +253,9 @@ class ShardedBatches(Sampler[list[int]]):
 MEGABATCH = 50
 
 
-def length_grouped(order: list[int], lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def length_grouped(
+    order: list[int], lengths: list[int], batch_size: int, seed: int, epoch: int
+) -> list[list[int]]:
     """Batches of similar length from a shuffled ``order``, in a shuffled batch order.
 
     ``order`` is cut into groups of ``MEGABATCH`` batches; each group is sorted by length (longest
