@@ -458,15 +458,14 @@ class InstructionTask:
         fraction of answer tokens that are the model's top-1 prediction. One forward per batch, no
         generation: cheap, and on a few hundred examples far less noisy than ROUGE-L.
         """
-        ds = self.dataset(split)
-        if len(ds) == 0:
+        rows = sorted(self.dataset(split), key=lambda r: len(r["input_ids"]))  # less padding
+        if not rows:
             raise ValueError(f"{split}: no examples to evaluate")
-        order = sorted(range(len(ds)), key=lambda i: len(ds[i]["input_ids"]))  # less padding
         was_training = model.training
         model.eval()
         logprob, correct, count = 0.0, 0, 0
-        for start in range(0, len(order), batch_size):
-            batch = self.collate([ds[i] for i in order[start : start + batch_size]])
+        for start in range(0, len(rows), batch_size):
+            batch = self.collate(rows[start : start + batch_size])
             batch = {k: v.to(device) for k, v in batch.items()}
             out = self.forward(model, batch, ())
             logits = out.logits.float()

@@ -267,6 +267,11 @@ class Analysis:
     def unit(self) -> str:
         return "points" if self.percent else "units"
 
+    @property
+    def metric_label(self) -> str:
+        """The metric's name with its unit where it has one: ``test.accuracy (%)``."""
+        return f"{self.metric} (%)" if self.percent else self.metric
+
 
 def _hashable(v: Any) -> Any:
     return json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v
@@ -364,7 +369,7 @@ def analyse(
     missing = 0
     found = [float(r[metric]) for r in ok if r.get(metric) is not None and math.isfinite(float(r[metric]))]
     percent = all(0.0 <= v <= 1.0 for v in found)  # fractions -> percent; anything else as it is
-    scale = 100.0 if percent else 1.0
+    scale, unit = (100.0, "points") if percent else (1.0, "units")
     for row in ok:
         value = row.get(metric)
         if value is None or not math.isfinite(float(value)):
@@ -426,7 +431,7 @@ def analyse(
         p_w = holm([c.p_wilcoxon for c in family])
         for c, pt, pw in zip(family, p_t, p_w, strict=True):
             c.p_t_holm, c.p_wilcoxon_holm = float(pt), float(pw)
-            c.unit = "points" if percent else "units"
+            c.unit = unit
             if c.pairs < 2:
                 c.verdict = "too few pairs"
             elif c.ci_low > 0 and pt < alpha:
@@ -587,7 +592,7 @@ def _group_table(a: Analysis) -> tuple[list[str], list[list[str]]]:
         *a.columns["setting"],
         *a.columns["treatment"],
         "n",
-        f"{a.metric}{' (%)' if a.percent else ''} mean ± std",
+        f"{a.metric_label} mean ± std",
     ]
     rows = []
     for g in _sorted_groups(a):
@@ -736,7 +741,7 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
         ]
         ax.bar(range(len(groups)), means, yerr=err, color=bar_colours, capsize=3)
         ax.set_xticks(range(len(groups)), [_label(g.treatment) for g in groups], rotation=45, ha="right")
-        ax.set_ylabel(f"{a.metric}{' (%)' if a.percent else ''}")
+        ax.set_ylabel(a.metric_label)
         lo = min(lo for lo, _ in cis)
         hi = max(hi for _, hi in cis)
         pad = max(1.0, 0.15 * (hi - lo))
@@ -781,7 +786,7 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
             if min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
                 ax.set_xscale("log")
             ax.set_xlabel("alpha (weight of the geometry term)")
-            ax.set_ylabel(f"{a.metric}{' (%)' if a.percent else ''}")
+            ax.set_ylabel(a.metric_label)
             ax.set_title(where, fontsize=9)
             ax.legend(fontsize=7)
             fig.tight_layout()
@@ -988,7 +993,7 @@ def write_report(
         + _latex(
             g_header,
             g_rows,
-            f"{a.metric}{' (%)' if a.percent else ''}, mean ± std over replicates.",
+            f"{a.metric_label}, mean ± std over replicates.",
             "tab:groups",
         )
         + "\n\n"
