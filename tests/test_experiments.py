@@ -24,6 +24,7 @@ from geodistill.experiments import (
     parse_sweep,
     read_rows,
     run_sweep,
+    run_sweeps,
 )
 
 METHODS = {
@@ -365,10 +366,77 @@ def test_cli_dry_run_prints_the_plan(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_every_shipped_experiment_plans_in_full_and_quick() -> None:
     from geodistill.cli import CONFIG_DIR
 
-    for path in sorted((CONFIG_DIR / "experiments").glob("*.yaml")):
+    for path in sorted((CONFIG_DIR / "experiments").rglob("*.yaml")):
         if path.stem == "rt":  # the base the others include: a run config, not a sweep
             continue
         sweep = load_sweep(path)
         full, quick = expand(sweep), expand(sweep, quick=True)
         assert 0 < len(quick) < len(full), path.stem
         assert len({r.config_hash for r in full}) == len(full)
+
+
+def test_several_sweeps_share_runs_and_keep_their_own_rows(tmp_path: Path) -> None:
+    """Two sweeps in one pool: a run both plan (the KD baseline) runs once and is a row in each
+    file, with each sweep's own columns; a run one sweep finished earlier is copied, not rerun."""
+    grid = {"seed": [0, 1], "alpha": [1]}
+    a = parse_sweep(sweep_dict(tmp_path, name="a", grid=grid, output_dir=str(tmp_path / "a")))
+    b_methods = {
+        "kd": METHODS["kd"],
+        "kd+gram": {"losses": [{"name": "kd", "temperature": 2}, {"name": "gram"}]},
+    }
+    b = parse_sweep(
+        sweep_dict(
+            tmp_path, name="b", methods=b_methods, grid={"seed": [0, 1, 2]}, output_dir=str(tmp_path / "b")
+        )
+    )
+    run_sweep(b, runner=FakeRunner(), progress=False, log=lambda _: None, quick=True)  # elsewhere: ignored
+    runner = FakeRunner()
+    first = run_sweeps([a, b], runner=runner, progress=False, log=lambda _: None)
+    assert [(s.planned, s.finished) for s in first] == [(6, 6), (6, 6)]
+    assert len(runner.calls) == 6 + 6 - 2  # kd at seeds 0 and 1 ran once
+    rows_a, rows_b = read_rows(tmp_path / "a" / "results.jsonl"), read_rows(tmp_path / "b" / "results.jsonl")
+    kd_a = {r["seed"]: r for r in rows_a if r["method"] == "kd"}
+    kd_b = {r["seed"]: r for r in rows_b if r["method"] == "kd"}
+    for seed in (0, 1):
+        assert kd_a[seed]["config_hash"] == kd_b[seed]["config_hash"]
+        assert kd_a[seed]["test.accuracy"] == kd_b[seed]["test.accuracy"]
+        assert (kd_a[seed]["sweep"], kd_b[seed]["sweep"]) == ("a", "b")
+    assert "alpha" in kd_a[0] and "alpha" not in kd_b[0]  # each file has its own sweep's columns
+
+    # a third sweep planning runs that a and b finished: copied with its columns, nothing runs
+    c = parse_sweep(
+        sweep_dict(
+            tmp_path,
+            name="c",
+            methods={"kd": METHODS["kd"]},
+            grid={"seed": [1, 2]},
+            output_dir=str(tmp_path / "c"),
+        )
+    )
+    runner = FakeRunner()
+    (summary,) = run_sweeps([a, b, c], runner=runner, progress=False, log=lambda _: None)[2:]
+    assert runner.calls == [] and (summary.planned, summary.finished) == (2, 2)
+    rows_c = read_rows(tmp_path / "c" / "results.jsonl")
+    assert {r["sweep"] for r in rows_c} == {"c"} and "alpha" not in rows_c[0]
+    by_hash = {r["config_hash"]: r for r in rows_b}
+    for row in rows_c:
+        assert row["test.accuracy"] == by_hash[row["config_hash"]]["test.accuracy"]
+        assert row["output_dir"] == by_hash[row["config_hash"]]["output_dir"]  # where it ran
+    with pytest.raises(ConfigError, match="write the same"):
+        run_sweeps([a, a], runner=FakeRunner(), progress=False, log=lambda _: None)
+
+
+def test_cli_runs_a_folder_of_sweeps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from geodistill.cli import main
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for name in ("one", "two"):
+        write_sweep(folder, sweep_dict(tmp_path, name=name, output_dir=str(tmp_path / name)), f"{name}.yaml")
+    assert main(["sweep", str(folder), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "sweep one: 30 runs planned" in out and "sweep two: 30 runs planned" in out
+    assert main(["sweep", str(tmp_path / "empty-folder-that-is-not-there.yaml"), "--dry-run"]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["sweep", str(tmp_path / "empty"), "--dry-run"]) == 2
+    assert "holds no .yaml" in capsys.readouterr().err

@@ -301,13 +301,13 @@ def test_identity_hash_ignores_only_execution_fields(assets, tmp_path) -> None:
     from geodistill.finetune import finetune_config
 
     cfg = make_cfg(assets, tmp_path / "run")
-    # fields at their defaults: the plain hash of the config as it was before group_by_length existed
+    # fields at their defaults: the plain hash of the config as it was before they existed
     before = to_dict(cfg)
     for section in ("train", "teacher_train"):
-        del before[section]["group_by_length"]
+        del before[section]["group_by_length"], before[section]["fused_optimizer"]
     assert identity_hash(cfg) == config_hash(before)
-    grouped = replace(cfg, train=replace(cfg.train, group_by_length=True))
-    assert identity_hash(grouped) != identity_hash(cfg)  # a later field that is used changes the run
+    for later in ("group_by_length", "fused_optimizer"):  # a later field that is used changes the run
+        assert identity_hash(replace(cfg, train=replace(cfg.train, **{later: True}))) != identity_hash(cfg)
     how = replace(
         cfg,
         train=replace(cfg.train, threads=1, device="cpu", parallel="fsdp", save_every=2, num_workers=2),
@@ -424,3 +424,51 @@ def test_one_teacher_pass_serves_every_pooled_tap(assets, tmp_path, monkeypatch)
     monkeypatch.undo()
     n = runs[0].teacher.config.num_hidden_layers + 1
     assert len(train_module.cached_taps([(2, "cls")], runs[0].teacher, 100)) == 2 * n
+
+
+def test_optimizer_implementations() -> None:
+    """foreach AdamW (the default here) is torch's per-tensor CPU AdamW bit for bit; fused AdamW
+    (train.fused_optimizer) agrees to float rounding."""
+    from geodistill.config import TrainConfig
+    from geodistill.train import _optimizer
+
+    def steps(**cfg) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 3), torch.nn.LayerNorm(3))
+        reference = cfg.pop("reference", False)
+        opt = _optimizer(net, TrainConfig(lr=1e-2, **cfg))
+        if reference:
+            for group in opt.param_groups:
+                group["foreach"] = False  # torch's own default on a CPU
+        for _ in range(5):
+            net(torch.randint(0, 50, (4, 6))).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return weights(net)
+
+    reference, foreach, fused = steps(reference=True), steps(), steps(fused_optimizer=True)
+    assert all(torch.equal(reference[k], foreach[k]) for k in reference)
+    assert all(torch.allclose(reference[k], fused[k], rtol=1e-5, atol=1e-6) for k in reference)
+    assert any(not torch.equal(reference[k], fused[k]) for k in reference)  # a different kernel
+
+
+def test_evaluation_in_length_order_and_best_dev_kept(assets, tmp_path) -> None:
+    """Evaluation batches examples of similar length: the metrics are those of one example at a
+    time; the results' dev metrics are the ones measured when the best student was selected."""
+    from geodistill.evaluate import classification_metrics
+    from geodistill.tasks import _model_inputs
+
+    r, res = run(make_cfg(assets, tmp_path / "run", "train.max_steps=4", "train.eval_every=2"))
+    lengths = r.task.lengths("dev")
+    assert len(set(lengths)) > 3  # otherwise the order would not matter
+    model = r.student.model.eval()
+    ds = r.task.dataset("dev")
+    with torch.no_grad():
+        preds = [int(model(**_model_inputs(r.task.collate([row]))).logits.argmax(-1)) for row in ds]
+    labels = [row["labels"] for row in ds]
+    assert r.task.evaluate(model, "dev", batch_size=3, device=torch.device("cpu")) == classification_metrics(
+        preds, labels, r.task.data.metrics
+    )
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    at_best = next(row for row in logged if row["step"] == res["best_step"] and "dev/accuracy" in row)
+    assert res["dev"] == {k[len("dev/") :]: v for k, v in at_best.items() if k.startswith("dev/")}

@@ -34,6 +34,19 @@ def resolve_config_path(name: str | None) -> Path | None:
     )
 
 
+def _sweep_files(name: str) -> list[Path]:
+    """A sweep file, or every sweep file of a folder (as given or shipped), in name order."""
+    for folder in (Path(name), CONFIG_DIR / name):
+        if folder.is_dir():
+            files = sorted(folder.glob("*.yaml"))
+            if not files:
+                from geodistill.config import ConfigError
+
+                raise ConfigError(f"config {name!r}: the folder {folder} holds no .yaml sweep files")
+            return files
+    return [resolve_config_path(name)]
+
+
 def shipped_configs() -> list[str]:
     return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
 
@@ -125,7 +138,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     try:
         return sweep_main(
-            resolve_config_path(args.config),
+            [path for config in args.config for path in _sweep_files(config)],
             args.set,
             jobs=args.jobs,
             quick=args.quick,
@@ -237,7 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep",
         help="a grid of runs (methods x seeds x alpha x layers x students x tasks) -> results.jsonl; resumable",
     )
-    p.add_argument("config", help="sweep YAML file or shipped sweep config name")
+    p.add_argument(
+        "config",
+        nargs="+",
+        help="sweep YAML file(s) or shipped sweep config name(s); several run in one pool of --jobs "
+        "processes, and a run that more than one plans (the same config) runs once",
+    )
     p.add_argument(
         "--set",
         action="append",

@@ -217,6 +217,11 @@ class TrainConfig:
         "batches shuffled; as transformers' group_by_length): less padding, same examples per epoch",
         default=False,
     )
+    fused_optimizer: bool = _help(
+        "fused AdamW (one kernel for all parameters): on a CPU about 8x faster per optimiser step than the "
+        "default, which matters for small students; results agree with the default to float rounding only",
+        default=False,
+    )
     num_workers: int = _help("DataLoader worker processes", default=0)
     parallel: Literal["ddp", "fsdp"] = _help(
         "under torchrun / accelerate launch: ddp replicates the student on every process; fsdp (FSDP2) shards "
@@ -387,7 +392,7 @@ def _reset_execution(obj: Any) -> Any:
 #: fields added after results were recorded: left out of the identity while at their default, so
 #: that configs which do not use them keep the hash of their finished runs and cached teachers
 ADDED_LATER: dict[type, tuple[str, ...]] = {
-    TrainConfig: ("group_by_length",),
+    TrainConfig: ("group_by_length", "fused_optimizer"),
 }
 
 

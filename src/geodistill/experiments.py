@@ -87,6 +87,7 @@ __all__ = [
     "read_rows",
     "run_distill",
     "run_sweep",
+    "run_sweeps",
     "sweep_dir",
 ]
 
@@ -656,6 +657,27 @@ def run_sweep(
     plan and each run is one data-parallel run across all of them, in this process; only rank 0
     writes rows, logs and shows progress, and the list of finished runs is rank 0's, broadcast.
     """
+    (summary,) = run_sweeps(
+        [sweep], quick=quick, jobs=jobs, runner=runner, in_process=in_process, progress=progress, log=log
+    )
+    return summary
+
+
+def run_sweeps(
+    sweeps: list[SweepConfig],
+    *,
+    quick: bool = False,
+    jobs: int = 1,
+    runner: Runner | None = None,
+    in_process: bool | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[SweepSummary]:
+    """:func:`run_sweep` for several sweeps at once, in one pool of ``jobs`` processes (no core
+    idles between one sweep and the next). A run that several sweeps plan (the same config hash,
+    e.g. the KD baseline of an ablation) runs once; each sweep gets its own row for it, with its own
+    columns, in its own results.jsonl. A run one sweep already finished is copied into the others'
+    results instead of being run again. Returns one summary per sweep, in order."""
     if jobs < 1:
         raise ConfigError(f"--jobs: expected at least 1, got {jobs}")
     launched = _launched_world_size() > 1
@@ -669,61 +691,106 @@ def run_sweep(
     elif in_process is None:
         in_process = runner is not None and jobs == 1
     runner = runner or run_distill
-    plan = expand(sweep, quick=quick)
-    root = sweep_dir(sweep, quick=quick)
-    results_path = root / "results.jsonl"
     main_process = not launched or int(os.environ.get("RANK", "0")) == 0
-    rows = read_rows(results_path) if main_process else []
-    done = {r.get("config_hash") for r in rows if r.get("status") == "ok"}
-    if launched:
-        done = _broadcast_from_rank0(done, plan[0].config if plan else None)
     if not main_process:
         log = _quiet
         progress = False
-    planned = {run.config_hash for run in plan}
-    todo = [run for run in plan if run.config_hash not in done]
-    summary = SweepSummary(
-        results_path=results_path,
-        planned=len(plan),
-        skipped=len(plan) - len(todo),
-        finished=0,
-        failed=[],
-        stale=len({h for h in done if h not in planned}),
-    )
-    if main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "sweep.json").write_text(
-            json.dumps({"sweep": to_dict(sweep), "quick": quick, "runs": [r.run_id for r in plan]}, indent=2)
+
+    plans = [expand(sweep, quick=quick) for sweep in sweeps]
+    paths = [sweep_dir(sweep, quick=quick) / "results.jsonl" for sweep in sweeps]
+    for i, path in enumerate(paths):
+        if path in paths[:i]:
+            raise ConfigError(
+                f"sweeps {sweeps[paths.index(path)].name!r} and {sweeps[i].name!r} write the same "
+                f"{path}; give each its own output_dir"
+            )
+    files = [read_rows(path) if main_process else [] for path in paths]
+    done = [{r.get("config_hash") for r in rows if r.get("status") == "ok"} for rows in files]
+    finished = {r["config_hash"]: r for rows in files for r in rows if r.get("status") == "ok"}
+    # what each sweep lacks: copied from another sweep's row, or run (once, for every sweep that plans it)
+    copies: list[tuple[int, PlannedRun, dict[str, Any]]] = []
+    waiting: dict[str, list[tuple[int, PlannedRun]]] = {}
+    for i, plan in enumerate(plans):
+        for run in plan:
+            if run.config_hash in done[i]:
+                continue
+            if run.config_hash in finished:
+                copies.append((i, run, finished[run.config_hash]))
+            else:
+                waiting.setdefault(run.config_hash, []).append((i, run))
+    if launched:
+        waiting = _broadcast_from_rank0(waiting, plans[0][0].config if plans[0] else None)
+    todo = [runs[0][1] for runs in waiting.values()]
+    summaries = []
+    for i, (sweep, plan, path) in enumerate(zip(sweeps, plans, paths, strict=True)):
+        planned = {run.config_hash for run in plan}
+        summaries.append(
+            SweepSummary(
+                results_path=path,
+                planned=len(plan),
+                skipped=sum(run.config_hash in done[i] for run in plan),
+                finished=0,
+                failed=[],
+                stale=len({h for h in done[i] if h not in planned}),
+            )
         )
-    log(
-        f"sweep {sweep.name}: {len(plan)} runs planned, {summary.skipped} already finished, "
-        f"{len(todo)} to run ({jobs} at a time); results in {results_path}"
-    )
-    if summary.stale:
+        if main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            (path.parent / "sweep.json").write_text(
+                json.dumps(
+                    {"sweep": to_dict(sweep), "quick": quick, "runs": [r.run_id for r in plan]}, indent=2
+                )
+            )
+        own = sum(runs[0][0] == i for runs in waiting.values())
+        shared = sum(any(j == i for j, _ in runs[1:]) for runs in waiting.values())
+        copied = sum(j == i for j, _, _ in copies)
         log(
-            f"note: {results_path} also holds {summary.stale} finished runs that this sweep file no longer plans"
+            f"sweep {sweep.name}: {len(plan)} runs planned, {summaries[i].skipped} already finished, "
+            f"{own + shared + copied} to do"
+            + (
+                f" ({shared} run for an earlier sweep, {copied} copied from another's results)"
+                if shared or copied
+                else ""
+            )
+            + f"; results in {path}"
         )
+        if summaries[i].stale:
+            log(
+                f"note: {path} also holds {summaries[i].stale} finished runs that this sweep file no longer plans"
+            )
+    if main_process:
+        for i, run, row in copies:
+            append_row(paths[i], _copied_row(row, run, sweeps[i].name or ""))
+            summaries[i].finished += 1
+    if len(sweeps) > 1:
+        log(f"{len(todo)} runs to run ({jobs} at a time)")
 
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"sweep {sweep.name}", unit="run", dynamic_ncols=True)
+        name = "+".join(sweep.name or "" for sweep in sweeps)
+        bar = tqdm(total=len(todo), desc=f"sweep {name}", unit="run", dynamic_ncols=True)
+    failures = 0
 
     def record(run: PlannedRun, outcome: tuple[str, Any, float | None, str | None]) -> None:
+        nonlocal failures
         status, payload, wall, trace = outcome
         if not main_process:
             return
-        if status == "ok":
-            append_row(results_path, _row(run, sweep.name or "", payload, wall))
-            summary.finished += 1
-        else:
-            append_row(results_path, _row(run, sweep.name or "", None, wall, payload, trace))
-            summary.failed.append((run.run_id, payload))
+        for i, planned in waiting[run.config_hash]:
+            if status == "ok":
+                append_row(paths[i], _row(planned, sweeps[i].name or "", payload, wall))
+                summaries[i].finished += 1
+            else:
+                append_row(paths[i], _row(planned, sweeps[i].name or "", None, wall, payload, trace))
+                summaries[i].failed.append((planned.run_id, payload))
+        if status != "ok":
+            failures += 1
             log(f"run {run.run_id} failed: {payload}")
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(ok=summary.finished, failed=len(summary.failed))
+            bar.set_postfix(ok=bar.n - failures, failed=failures)
 
     try:
         if in_process:
@@ -746,7 +813,25 @@ def run_sweep(
     finally:
         if bar is not None:
             bar.close()
-    return summary
+    return summaries
+
+
+def _copied_row(row: dict[str, Any], run: PlannedRun, sweep_name: str) -> dict[str, Any]:
+    """Another sweep's row of the same run (same config hash), with this sweep's name and columns;
+    ``output_dir`` still says where it ran."""
+    kept = {
+        k: v
+        for k, v in row.items()
+        if (k in _ROW_FIELDS or k.startswith(("dev.", "test."))) and k not in ("error", "traceback")
+    }
+    return {
+        **kept,
+        "sweep": sweep_name,
+        "run_id": run.run_id,
+        **run.values,
+        "axes": run.axes,
+        "loss_terms": list(run.loss_terms),
+    }
 
 
 def _launched_world_size() -> int:
@@ -834,7 +919,7 @@ def _run_processes(
 
 
 def sweep_main(
-    path: str | Path,
+    paths: str | Path | list[str | Path],
     overrides: list[str] | None = None,
     *,
     jobs: int = 1,
@@ -842,27 +927,32 @@ def sweep_main(
     dry_run: bool = False,
     progress: bool = True,
 ) -> int:
-    """The ``geodistill sweep`` command; returns the exit status (1 when a run failed)."""
-    sweep = load_sweep(path, overrides)
+    """The ``geodistill sweep`` command (one or several sweep files); returns the exit status (1
+    when a run failed)."""
+    paths = paths if isinstance(paths, list) else [paths]
+    sweeps = [load_sweep(path, overrides) for path in paths]
     if dry_run:
-        plan = expand(sweep, quick=quick)
-        rows = read_rows(sweep_dir(sweep, quick=quick) / "results.jsonl")
-        done = {r.get("config_hash") for r in rows if r.get("status") == "ok"}
-        failed = {r.get("config_hash") for r in rows if r.get("status") == "error"} - done
-        todo = sum(run.config_hash not in done for run in plan)
-        print(f"sweep {sweep.name}: {len(plan)} runs planned, {len(plan) - todo} finished, {todo} to run")
-        print(f"results: {sweep_dir(sweep, quick=quick) / 'results.jsonl'}\n")
-        print(plan_table(plan, done, failed))
+        for sweep in sweeps:
+            plan = expand(sweep, quick=quick)
+            rows = read_rows(sweep_dir(sweep, quick=quick) / "results.jsonl")
+            done = {r.get("config_hash") for r in rows if r.get("status") == "ok"}
+            failed = {r.get("config_hash") for r in rows if r.get("status") == "error"} - done
+            todo = sum(run.config_hash not in done for run in plan)
+            print(f"sweep {sweep.name}: {len(plan)} runs planned, {len(plan) - todo} finished, {todo} to run")
+            print(f"results: {sweep_dir(sweep, quick=quick) / 'results.jsonl'}\n")
+            print(plan_table(plan, done, failed) + "\n")
         return 0
-    summary = run_sweep(sweep, quick=quick, jobs=jobs, progress=progress)
+    summaries = run_sweeps(sweeps, quick=quick, jobs=jobs, progress=progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 speaks for all
         return 0
-    print(
-        f"sweep {sweep.name}: {summary.finished} finished now, {summary.skipped} before, "
-        f"{len(summary.failed)} failed; results in {summary.results_path}"
-    )
-    for run_id, error in summary.failed:
-        print(f"  failed: {run_id}: {error}", file=sys.stderr)
-    if summary.failed:
+    for sweep, summary in zip(sweeps, summaries, strict=True):
+        print(
+            f"sweep {sweep.name}: {summary.finished} finished now, {summary.skipped} before, "
+            f"{len(summary.failed)} failed; results in {summary.results_path}"
+        )
+        for run_id, error in summary.failed:
+            print(f"  failed: {run_id}: {error}", file=sys.stderr)
+    if any(summary.failed for summary in summaries):
         print("rerun the same command to retry the failed runs (finished ones are skipped)", file=sys.stderr)
-    return 1 if summary.failed else 0
+        return 1
+    return 0

@@ -147,9 +147,10 @@ class ClassificationTask:
         was_training = model.training
         model.eval()
         preds, labels = [], []
-        loader = DataLoader(
-            self.dataset(split), batch_size=batch_size, shuffle=False, collate_fn=self.collate
-        )
+        # batches of similar length (less padding); the metrics do not depend on the order
+        order = sorted(range(len(self.dataset(split))), key=self.lengths(split).__getitem__)
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        loader = DataLoader(self.dataset(split), batch_sampler=batches, collate_fn=self.collate)
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(**_model_inputs(batch)).logits
