@@ -439,4 +439,4 @@ def test_cli_runs_a_folder_of_sweeps(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["sweep", str(tmp_path / "empty-folder-that-is-not-there.yaml"), "--dry-run"]) == 2
     (tmp_path / "empty").mkdir()
     assert main(["sweep", str(tmp_path / "empty"), "--dry-run"]) == 2
-    assert "holds no .yaml" in capsys.readouterr().err
+    assert "'" + str(tmp_path / "empty") + "' not found" in capsys.readouterr().err

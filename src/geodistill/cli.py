@@ -35,15 +35,12 @@ def resolve_config_path(name: str | None) -> Path | None:
 
 
 def _sweep_files(name: str) -> list[Path]:
-    """A sweep file, or every sweep file of a folder (as given or shipped), in name order."""
-    for folder in (Path(name), CONFIG_DIR / name):
-        if folder.is_dir():
-            files = sorted(folder.glob("*.yaml"))
-            if not files:
-                from geodistill.config import ConfigError
-
-                raise ConfigError(f"config {name!r}: the folder {folder} holds no .yaml sweep files")
-            return files
+    """A sweep file, or every sweep file of a folder (as given or shipped), in name order. A folder
+    without .yaml files is not a set of sweeps (``experiments/main`` in a checkout holds results)."""
+    if not Path(name).is_file():
+        for folder in (Path(name), CONFIG_DIR / name):
+            if folder.is_dir() and (files := sorted(folder.glob("*.yaml"))):
+                return files
     return [resolve_config_path(name)]
 
 

@@ -719,7 +719,7 @@ def run_sweeps(
             else:
                 waiting.setdefault(run.config_hash, []).append((i, run))
     if launched:
-        waiting = _broadcast_from_rank0(waiting, plans[0][0].config if plans[0] else None)
+        done, waiting = _broadcast_from_rank0((done, waiting), plans[0][0].config if plans[0] else None)
     todo = [runs[0][1] for runs in waiting.values()]
     summaries = []
     for i, (sweep, plan, path) in enumerate(zip(sweeps, plans, paths, strict=True)):
