@@ -704,20 +704,7 @@ def run_sweeps(
                 f"sweeps {sweeps[paths.index(path)].name!r} and {sweeps[i].name!r} write the same "
                 f"{path}; give each its own output_dir"
             )
-    files = [read_rows(path) if main_process else [] for path in paths]
-    done = [{r.get("config_hash") for r in rows if r.get("status") == "ok"} for rows in files]
-    finished = {r["config_hash"]: r for rows in files for r in rows if r.get("status") == "ok"}
-    # what each sweep lacks: copied from another sweep's row, or run (once, for every sweep that plans it)
-    copies: list[tuple[int, PlannedRun, dict[str, Any]]] = []
-    waiting: dict[str, list[tuple[int, PlannedRun]]] = {}
-    for i, plan in enumerate(plans):
-        for run in plan:
-            if run.config_hash in done[i]:
-                continue
-            if run.config_hash in finished:
-                copies.append((i, run, finished[run.config_hash]))
-            else:
-                waiting.setdefault(run.config_hash, []).append((i, run))
+    done, copies, waiting = _divide_work(plans, [read_rows(path) if main_process else [] for path in paths])
     if launched:
         done, waiting = _broadcast_from_rank0((done, waiting), plans[0][0].config if plans[0] else None)
     todo = [runs[0][1] for runs in waiting.values()]
@@ -814,6 +801,29 @@ def run_sweeps(
         if bar is not None:
             bar.close()
     return summaries
+
+
+def _divide_work(
+    plans: list[list[PlannedRun]], files: list[list[dict[str, Any]]]
+) -> tuple[
+    list[set[str]], list[tuple[int, PlannedRun, dict[str, Any]]], dict[str, list[tuple[int, PlannedRun]]]
+]:
+    """What each sweep (its plan, the rows of its results.jsonl) has and lacks: the hashes it has
+    finished; the runs another sweep finished, to copy (sweep index, run, that row); and the runs to
+    do, by hash, each with every (sweep index, run) that plans it, the first of which runs it."""
+    done = [{r.get("config_hash") for r in rows if r.get("status") == "ok"} for rows in files]
+    finished = {r["config_hash"]: r for rows in files for r in rows if r.get("status") == "ok"}
+    copies: list[tuple[int, PlannedRun, dict[str, Any]]] = []
+    waiting: dict[str, list[tuple[int, PlannedRun]]] = {}
+    for i, plan in enumerate(plans):
+        for run in plan:
+            if run.config_hash in done[i]:
+                continue
+            if run.config_hash in finished:
+                copies.append((i, run, finished[run.config_hash]))
+            else:
+                waiting.setdefault(run.config_hash, []).append((i, run))
+    return done, copies, waiting
 
 
 def _copied_row(row: dict[str, Any], run: PlannedRun, sweep_name: str) -> dict[str, Any]:
