@@ -440,3 +440,35 @@ def test_cli_runs_a_folder_of_sweeps(tmp_path: Path, capsys: pytest.CaptureFixtu
     (tmp_path / "empty").mkdir()
     assert main(["sweep", str(tmp_path / "empty"), "--dry-run"]) == 2
     assert "'" + str(tmp_path / "empty") + "' not found" in capsys.readouterr().err
+
+
+def test_workers_do_not_queue_behind_a_teacher_being_fine_tuned(tmp_path: Path, monkeypatch) -> None:
+    """A free worker takes a run whose teacher is cached (or another teacher to fine-tune) rather
+    than one that would wait on the lock of the teacher another worker is fine-tuning."""
+    from collections import deque
+
+    from geodistill.experiments import _next_run, _teacher_to_build
+
+    monkeypatch.setenv("GEODISTILL_CACHE", str(tmp_path / "cache"))
+    base = {
+        "data": {"name": "rotten_tomatoes", "max_train": 64},
+        "teacher": {"name": "minilm-l6", "finetune": True},
+    }
+    grid = {"seed": [0, 1], "data.split_seed": [0, 1]}
+    plan = expand(parse_sweep(sweep_dict(tmp_path, base=base, grid=grid, methods={"kd": METHODS["kd"]})))
+    teachers = [_teacher_to_build(run.config) for run in plan]
+    assert all(teachers) and len(set(teachers)) == 2  # one teacher per split, none cached yet
+    split0, split1 = teachers[0], next(t for t in teachers if t != teachers[0])
+    pending = deque(plan)
+    first = _next_run(pending, set())
+    assert first is plan[0]
+    second = _next_run(pending, {split0})  # the worker of `first` fine-tunes split 0's teacher
+    assert _teacher_to_build(second.config) == split1  # the other split's, in parallel
+    assert _next_run(pending, {split0, split1}) is None  # both busy: wait
+    Path(split0, "results.json").parent.mkdir(parents=True)
+    Path(split0, "results.json").write_text("{}")  # fine-tuned: cached from now on
+    assert _teacher_to_build(plan[0].config) is None
+    third = _next_run(pending, {split1})  # split 1 still being fine-tuned: a split-0 run goes
+    assert third.values["split_seed"] == 0 and _teacher_to_build(third.config) is None
+    no_teacher = expand(parse_sweep(sweep_dict(tmp_path, grid={"seed": [0]}, methods={"ft": METHODS["ft"]})))
+    assert _teacher_to_build(no_teacher[0].config) is None

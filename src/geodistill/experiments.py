@@ -877,7 +877,8 @@ def _run_processes(
     ctx = multiprocessing.get_context("spawn")  # no fork: torch and its threads are not fork-safe
     threads = max(1, _cores() // jobs)
     pending = deque(todo)
-    active: dict[Any, tuple[Any, PlannedRun, float]] = {}  # reader -> (process, run, start)
+    # reader -> (process, run, start, the teacher directory it fine-tunes first or None)
+    active: dict[Any, tuple[Any, PlannedRun, float, str | None]] = {}
     previous = None
     if threading.current_thread() is threading.main_thread():  # `kill` stops the workers too
 
@@ -888,7 +889,10 @@ def _run_processes(
     try:
         while pending or active:
             while pending and len(active) < jobs:
-                run = pending.popleft()
+                # a run whose teacher another worker is fine-tuning would wait on its lock: another first
+                run = _next_run(pending, {t for *_, t in active.values() if t is not None})
+                if run is None:
+                    break
                 reader, writer = ctx.Pipe(duplex=False)
                 cfg_threads = None if run.config.train.threads else threads
                 proc = ctx.Process(
@@ -898,9 +902,9 @@ def _run_processes(
                 )
                 proc.start()
                 writer.close()  # the child holds the only write end: its exit makes the reader ready
-                active[reader] = (proc, run, time.perf_counter())
+                active[reader] = (proc, run, time.perf_counter(), _teacher_to_build(run.config))
             for reader in wait(list(active)):
-                proc, run, start = active.pop(reader)
+                proc, run, start, _ = active.pop(reader)
                 try:
                     outcome = reader.recv()
                 except EOFError:  # the process died without a word: killed, out of memory, segfault
@@ -919,13 +923,34 @@ def _run_processes(
                 proc.join()
                 record(run, outcome)
     finally:
-        for reader, (proc, _, _) in active.items():  # interrupted: stop the runs in flight (they resume)
+        for reader, (proc, *_) in active.items():  # interrupted: stop the runs in flight (they resume)
             if proc.is_alive():
                 proc.terminate()
             proc.join()
             reader.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _teacher_to_build(cfg: DistillConfig) -> str | None:
+    """The cache directory of the fine-tuned teacher that ``cfg`` trains before its own run (None
+    when it uses none or it is cached)."""
+    if not cfg.teacher.finetune:
+        return None
+    from geodistill.finetune import finetune_config
+
+    out = Path(finetune_config(cfg).output_dir)
+    return None if (out / "results.json").exists() else str(out)
+
+
+def _next_run(pending: deque[PlannedRun], building: set[str]) -> PlannedRun | None:
+    """Take the first pending run whose teacher is not being fine-tuned by a running worker (it
+    would only wait on that worker's lock), or None when every pending run would."""
+    for i, run in enumerate(pending):
+        if _teacher_to_build(run.config) not in building:
+            del pending[i]
+            return run
+    return None
 
 
 def sweep_main(
