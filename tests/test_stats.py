@@ -172,6 +172,27 @@ def test_known_effects_give_win_tie_and_loss() -> None:
     assert groups["kd"].n == 20 and groups["kd"].mean == pytest.approx(70, abs=1.5)
 
 
+def test_differences_without_spread_use_the_exact_sign_flip_test() -> None:
+    """The same gain on every pair (here 4 of 1288 test examples, equal only to float rounding)
+    has no t statistic; the exact sign-flip test (p = 2 / 2^n) decides: 2 pairs are no evidence,
+    12 are."""
+    from geodistill.stats import _paired_tests
+
+    counts = np.array([890, 895, 930, 905, 918, 921, 899, 927, 915, 910, 922, 917])
+    diffs = (counts + 4) / 1288 * 100 - counts / 1288 * 100  # as the report computes them
+    assert np.ptp(diffs[:2]) > 0  # not bit-equal
+    assert _paired_tests(diffs[:2]) == (0.5, 0.5)
+    p_t, p_w = _paired_tests(diffs)
+    assert p_t == 2.0**-11 and p_w < 0.001
+    assert _paired_tests(diffs - diffs)[0] == 1.0
+    rows = rows_for({("kd", None): 0.0}, seeds=[0, 1])
+    gain = [dict(r, method="kd+gram", alpha=1, config_hash=r["config_hash"] + "x") for r in rows]
+    for r in gain:
+        r["test.accuracy"] = r["test.accuracy"] + 4 / 1288
+    (c,) = analyse(rows + gain, resamples=500).comparisons
+    assert c.p_t == 0.5 and c.verdict == "tie"
+
+
 def test_identical_runs_tie_with_zero_difference() -> None:
     rows = rows_for({("kd", None): 0.0})
     twin = [dict(r, method="kd+procrustes", alpha=1, config_hash=r["config_hash"] + "x") for r in rows]

@@ -163,11 +163,12 @@ def _paired_tests(diffs: np.ndarray) -> tuple[float, float]:
 
     if len(diffs) < 2:
         return (math.nan, math.nan)
-    if np.all(diffs == diffs[0]):  # no spread: t is 0/0 or +-inf
-        p_t = 1.0 if diffs[0] == 0 else 0.0
+    if np.ptp(diffs) <= 1e-9 * max(1.0, float(np.abs(diffs).max())):  # no spread (to float rounding)
+        # t is 0/0 or +-inf: the exact sign-flip test stands in (all n signs alike: p = 2 / 2^n)
+        p_t = 1.0 if np.all(np.abs(diffs) <= 1e-9) else min(1.0, 2.0 ** (1 - len(diffs)))
     else:
         p_t = float(stats.ttest_1samp(diffs, 0.0).pvalue)  # == ttest_rel(a, b) with diffs = a - b
-    if np.all(diffs == 0):
+    if np.all(np.abs(diffs) <= 1e-9):
         p_w = 1.0
     else:
         with warnings.catch_warnings():
