@@ -472,3 +472,23 @@ def test_workers_do_not_queue_behind_a_teacher_being_fine_tuned(tmp_path: Path, 
     assert third.values["split_seed"] == 0 and _teacher_to_build(third.config) is None
     no_teacher = expand(parse_sweep(sweep_dict(tmp_path, grid={"seed": [0]}, methods={"ft": METHODS["ft"]})))
     assert _teacher_to_build(no_teacher[0].config) is None
+
+
+def writing_runner(cfg: DistillConfig) -> dict[str, Any]:
+    """Leaves what a real run leaves: a best student, a log and a resume checkpoint."""
+    out = Path(cfg.output_dir)
+    for name in ("best/model.safetensors", "log.jsonl", "checkpoint/state.pt"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("x")
+    if cfg.train.seed == 1:
+        raise RuntimeError("diverged")
+    return fake_results(cfg)
+
+
+def test_finished_runs_drop_their_resume_checkpoint(tmp_path: Path) -> None:
+    sweep = parse_sweep(sweep_dict(tmp_path, grid={"seed": [0, 1]}, methods={"kd": METHODS["kd"]}))
+    run_sweep(sweep, runner=writing_runner, progress=False, log=lambda _: None)
+    ok, failed = (Path(run.config.output_dir) for run in expand(sweep))
+    assert (ok / "best" / "model.safetensors").exists() and (ok / "log.jsonl").exists()
+    assert not (ok / "checkpoint").exists()
+    assert (failed / "checkpoint" / "state.pt").exists()  # a failed run resumes from it

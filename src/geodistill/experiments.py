@@ -49,6 +49,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -652,6 +653,8 @@ def run_sweep(
     ``peak_memory_mb`` is the run's own. ``in_process=True`` (the default for a custom runner with
     ``jobs=1``) calls the runner in this process, which lets tests pass any callable. A failed run
     writes an ``error`` row (not counted as finished: the next call retries it) and the sweep goes on.
+    A finished run keeps its ``best/`` student, logs and results; its resume checkpoint is deleted
+    (a sweep of a few hundred runs would otherwise keep tens of GB of optimiser states).
 
     Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) every process walks the same
     plan and each run is one data-parallel run across all of them, in this process; only rank 0
@@ -765,6 +768,8 @@ def run_sweeps(
         status, payload, wall, trace = outcome
         if not main_process:
             return
+        if status == "ok":  # finished: the resume checkpoint (weights and AdamW state) is dead weight
+            shutil.rmtree(Path(run.config.output_dir) / "checkpoint", ignore_errors=True)
         for i, planned in waiting[run.config_hash]:
             if status == "ok":
                 append_row(paths[i], _row(planned, sweeps[i].name or "", payload, wall))
