@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+LAUNCH_TIMEOUT_S = 300  # the slowest launch here takes about 60 s on 2 busy cores
+
+
 def _launch(fn, *args) -> None:
-    """Run ``fn(rank, *args)`` in WORLD processes with torchrun's environment variables."""
+    """Run ``fn(rank, *args)`` in WORLD processes with torchrun's environment variables. A launch
+    that hangs (once seen here: one rank gone, the other idle) fails after LAUNCH_TIMEOUT_S instead
+    of holding the test suite until CI's own limit."""
     port = _free_port()
-    mp.spawn(_entry, args=(fn, port, args), nprocs=WORLD, join=True)
+    ctx = mp.start_processes(_entry, args=(fn, port, args), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            codes = [p.exitcode for p in ctx.processes]
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{fn.__name__}: ranks not finished after {LAUNCH_TIMEOUT_S} s (exit codes {codes})")
 
 
 def _entry(rank: int, fn, port: int, args: tuple) -> None:
