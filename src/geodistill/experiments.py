@@ -808,6 +808,11 @@ def run_sweeps(
     return summaries
 
 
+def _finished_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The ``ok`` rows of a results file, by config hash."""
+    return {r.get("config_hash"): r for r in rows if r.get("status") == "ok"}
+
+
 def _divide_work(
     plans: list[list[PlannedRun]], files: list[list[dict[str, Any]]]
 ) -> tuple[
@@ -816,8 +821,8 @@ def _divide_work(
     """What each sweep (its plan, the rows of its results.jsonl) has and lacks: the hashes it has
     finished; the runs another sweep finished, to copy (sweep index, run, that row); and the runs to
     do, by hash, each with every (sweep index, run) that plans it, the first of which runs it."""
-    done = [{r.get("config_hash") for r in rows if r.get("status") == "ok"} for rows in files]
-    finished = {r["config_hash"]: r for rows in files for r in rows if r.get("status") == "ok"}
+    done = [set(_finished_rows(rows)) for rows in files]
+    finished = {h: r for rows in files for h, r in _finished_rows(rows).items()}
     copies: list[tuple[int, PlannedRun, dict[str, Any]]] = []
     waiting: dict[str, list[tuple[int, PlannedRun]]] = {}
     for i, plan in enumerate(plans):
@@ -975,7 +980,7 @@ def sweep_main(
         for sweep in sweeps:
             plan = expand(sweep, quick=quick)
             rows = read_rows(sweep_dir(sweep, quick=quick) / "results.jsonl")
-            done = {r.get("config_hash") for r in rows if r.get("status") == "ok"}
+            done = set(_finished_rows(rows))
             failed = {r.get("config_hash") for r in rows if r.get("status") == "error"} - done
             todo = sum(run.config_hash not in done for run in plan)
             print(f"sweep {sweep.name}: {len(plan)} runs planned, {len(plan) - todo} finished, {todo} to run")
