@@ -956,6 +956,8 @@ def _teacher_to_build(cfg: DistillConfig) -> str | None:
 def _next_run(pending: deque[PlannedRun], building: set[str]) -> PlannedRun | None:
     """Take the first pending run whose teacher is not being fine-tuned by a running worker (it
     would only wait on that worker's lock), or None when every pending run would."""
+    if not building:  # the common case: nothing to avoid, no teacher configs to hash
+        return pending.popleft()
     for i, run in enumerate(pending):
         if _teacher_to_build(run.config) not in building:
             del pending[i]
