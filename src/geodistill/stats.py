@@ -157,18 +157,23 @@ def seeds_for_power(
     return hi
 
 
+#: differences (in points) this close are equal: float rounding of the same example counts
+_ROUNDING = 1e-9
+
+
 def _paired_tests(diffs: np.ndarray) -> tuple[float, float]:
     """Two-sided p-values of the paired t-test and the Wilcoxon signed-rank test on differences."""
     from scipy import stats
 
     if len(diffs) < 2:
         return (math.nan, math.nan)
-    if np.ptp(diffs) <= 1e-9 * max(1.0, float(np.abs(diffs).max())):  # no spread (to float rounding)
+    all_zero = bool(np.all(np.abs(diffs) <= _ROUNDING))
+    if np.ptp(diffs) <= _ROUNDING * max(1.0, float(np.abs(diffs).max())):  # no spread (to float rounding)
         # t is 0/0 or +-inf: the exact sign-flip test stands in (all n signs alike: p = 2 / 2^n)
-        p_t = 1.0 if np.all(np.abs(diffs) <= 1e-9) else min(1.0, 2.0 ** (1 - len(diffs)))
+        p_t = 1.0 if all_zero else min(1.0, 2.0 ** (1 - len(diffs)))
     else:
         p_t = float(stats.ttest_1samp(diffs, 0.0).pvalue)  # == ttest_rel(a, b) with diffs = a - b
-    if np.all(np.abs(diffs) <= 1e-9):
+    if all_zero:
         p_w = 1.0
     else:
         with warnings.catch_warnings():
