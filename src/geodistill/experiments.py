@@ -769,7 +769,9 @@ def run_sweeps(
         if not main_process:
             return
         if status == "ok":  # finished: the resume checkpoint (weights and AdamW state) is dead weight
-            shutil.rmtree(Path(run.config.output_dir) / "checkpoint", ignore_errors=True)
+            from geodistill.train import RESUME_DIR
+
+            shutil.rmtree(Path(run.config.output_dir) / RESUME_DIR, ignore_errors=True)
         for i, planned in waiting[run.config_hash]:
             if status == "ok":
                 append_row(paths[i], _row(planned, sweeps[i].name or "", payload, wall))

@@ -45,6 +45,10 @@ from geodistill.tasks import Outputs, Tap
 __all__ = ["Run", "Student", "TrainingDiverged", "setup", "train"]
 
 
+#: the resume checkpoint's folder inside a run's output directory (a sweep deletes it once the run is done)
+RESUME_DIR = "checkpoint"
+
+
 class TrainingDiverged(RuntimeError):
     """A loss term or the gradient became NaN/inf; the last good checkpoint is kept."""
 
@@ -702,7 +706,7 @@ def train(
         "train_seconds": 0.0,
         "timed_steps": 0,
     }
-    ckpt = out / "checkpoint" / "state.pt"
+    ckpt = out / RESUME_DIR / "state.pt"
     if ckpt.exists():
         blob = torch.load(ckpt, map_location="cpu", weights_only=False)
         par.load_model_state(raw, blob["student"])
