@@ -373,6 +373,15 @@ def test_report_writes_markdown_latex_and_figures(tmp_path: Path) -> None:
     summary = json.loads(paths["json"].read_text())
     assert {c["verdict"] for c in summary["comparisons"]} <= {"win", "tie", "loss"}
     assert summary["failed_runs"] == ["kd-dead"]
+    assert "mean over replicates" in md
+    # results copied from another machine come without their logs: the caption says how many it used
+    n_runs = sum(len(g.run_dirs) for g in a.groups)
+    (tmp_path / "sweep" / "runs" / "kd-None-None-0" / "log.jsonl").unlink()
+    _, paths = report(path, tmp_path / "report2", baseline="kd", resamples=50)
+    assert (
+        f"mean over the {n_runs - 1} of {n_runs} runs whose log.jsonl is at hand"
+        in paths["markdown"].read_text()
+    )
 
 
 def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

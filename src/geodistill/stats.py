@@ -801,7 +801,7 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
             figures.append((name("alpha", i), f"{where}: {a.metric} against alpha (95% bootstrap intervals)"))
 
         # loss-term curves: mean over replicates of every logged term
-        curves = _loss_curves(groups)
+        curves, logged, runs = _loss_curves(groups)
         if curves:
             terms = sorted({t for per in curves.values() for t in per})
             fig, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.5), squeeze=False)
@@ -817,8 +817,11 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
             fig.tight_layout()
             fig.savefig(out_dir / name("loss_curves", i), dpi=120)
             plt.close(fig)
+            over = (
+                "replicates" if logged == runs else f"the {logged} of {runs} runs whose log.jsonl is at hand"
+            )
             figures.append(
-                (name("loss_curves", i), f"{where}: each loss term over training, mean over replicates")
+                (name("loss_curves", i), f"{where}: each loss term over training, mean over {over}")
             )
 
     # layer ablation: difference to the baseline per layer map (rows: everything else)
@@ -858,15 +861,19 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _loss_curves(groups: list[Group]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
-    """treatment label -> term -> (steps, mean over the runs that logged that step)."""
+def _loss_curves(groups: list[Group]) -> tuple[dict[str, dict[str, tuple[list[int], list[float]]]], int, int]:
+    """treatment label -> term -> (steps, mean over the runs that logged that step); and how many of
+    the groups' runs had a log to read (results copied from another machine come without theirs)."""
     out: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    logged = runs = 0
     for g in groups:
         per_term: dict[str, dict[int, list[float]]] = {}
         for run_dir in g.run_dirs:
+            runs += 1
             log = run_dir / "log.jsonl"
             if not log.is_file():
                 continue
+            logged += 1
             for line in log.read_text().splitlines():
                 try:
                     entry = json.loads(line)
@@ -882,7 +889,7 @@ def _loss_curves(groups: list[Group]) -> dict[str, dict[str, tuple[list[int], li
                 term: (sorted(steps), [float(np.mean(steps[s])) for s in sorted(steps)])
                 for term, steps in per_term.items()
             }
-    return out
+    return out, logged, runs
 
 
 # ------------------------------------------------------------------------------------------
