@@ -33,10 +33,17 @@ LAUNCH_TIMEOUT_S = 300  # the slowest launch here takes about 60 s on 2 busy cor
 
 def _launch(fn, *args) -> None:
     """Run ``fn(rank, *args)`` in WORLD processes with torchrun's environment variables. A launch
-    that hangs (once seen here: one rank gone, the other idle) fails after LAUNCH_TIMEOUT_S instead
-    of holding the test suite until CI's own limit."""
-    port = _free_port()
-    ctx = mp.start_processes(_entry, args=(fn, port, args), nprocs=WORLD, join=False, start_method="spawn")
+    that hangs fails after LAUNCH_TIMEOUT_S instead of holding the test suite until CI's own limit.
+
+    As under torchrun, the launcher (this process) hosts the rendezvous store and every rank is a
+    client (TORCHELASTIC_USE_AGENT_STORE): when rank 0 hosted it, rank 0 could exit first and leave
+    rank 1 waiting on a store that was gone (seen twice here: exit codes [0, None])."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, WORLD, is_master=True, wait_for_workers=False)
+    ctx = mp.start_processes(
+        _entry, args=(fn, store.port, args), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
@@ -44,6 +51,7 @@ def _launch(fn, *args) -> None:
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"{fn.__name__}: ranks not finished after {LAUNCH_TIMEOUT_S} s (exit codes {codes})")
+    del store  # outlives every rank
 
 
 def _entry(rank: int, fn, port: int, args: tuple) -> None:
@@ -54,6 +62,7 @@ def _entry(rank: int, fn, port: int, args: tuple) -> None:
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(WORLD),
         LOCAL_WORLD_SIZE=str(WORLD),
+        TORCHELASTIC_USE_AGENT_STORE="True",  # the store is the launcher's, as torchrun's agent does
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
     )
