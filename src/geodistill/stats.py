@@ -801,7 +801,8 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
             figures.append((name("alpha", i), f"{where}: {a.metric} against alpha (95% bootstrap intervals)"))
 
         # loss-term curves: mean over replicates of every logged term
-        curves, logged, runs = _loss_curves(groups)
+        curves, logged = _loss_curves(groups)
+        runs = sum(len(g.run_dirs) for g in groups)
         if curves:
             terms = sorted({t for per in curves.values() for t in per})
             fig, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.5), squeeze=False)
@@ -861,15 +862,14 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _loss_curves(groups: list[Group]) -> tuple[dict[str, dict[str, tuple[list[int], list[float]]]], int, int]:
-    """treatment label -> term -> (steps, mean over the runs that logged that step); and how many of
-    the groups' runs had a log to read (results copied from another machine come without theirs)."""
+def _loss_curves(groups: list[Group]) -> tuple[dict[str, dict[str, tuple[list[int], list[float]]]], int]:
+    """treatment label -> term -> (steps, mean over the runs that logged that step); and how many
+    runs had a log to read (results copied from another machine come without theirs)."""
     out: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
-    logged = runs = 0
+    logged = 0
     for g in groups:
         per_term: dict[str, dict[int, list[float]]] = {}
         for run_dir in g.run_dirs:
-            runs += 1
             log = run_dir / "log.jsonl"
             if not log.is_file():
                 continue
@@ -889,7 +889,7 @@ def _loss_curves(groups: list[Group]) -> tuple[dict[str, dict[str, tuple[list[in
                 term: (sorted(steps), [float(np.mean(steps[s])) for s in sorted(steps)])
                 for term, steps in per_term.items()
             }
-    return out, logged, runs
+    return out, logged
 
 
 # ------------------------------------------------------------------------------------------
