@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ def _free_port() -> int:
 
 
 LAUNCH_TIMEOUT_S = 300  # the slowest launch here takes about 60 s on 2 busy cores
+TEARDOWN_GRACE_S = 60  # once one rank has exited 0, how long the others get to tear down
 
 
 def _launch(fn, *args) -> None:
@@ -37,7 +39,9 @@ def _launch(fn, *args) -> None:
 
     As under torchrun, the launcher (this process) hosts the rendezvous store and every rank is a
     client (TORCHELASTIC_USE_AGENT_STORE): when rank 0 hosted it, rank 0 could exit first and leave
-    rank 1 waiting on a store that was gone (seen twice here: exit codes [0, None])."""
+    rank 1 waiting on a store that was gone (seen twice here: exit codes [0, None]). It was seen once
+    more with the launcher hosting it, after the ranks' last barrier: a rank still alive
+    TEARDOWN_GRACE_S after another exited 0 is killed with a warning, not failed."""
     from torch.distributed import TCPStore
 
     store = TCPStore("127.0.0.1", 0, WORLD, is_master=True, wait_for_workers=False)
@@ -45,9 +49,24 @@ def _launch(fn, *args) -> None:
         _entry, args=(fn, store.port, args), nprocs=WORLD, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    first_done = None
     while not ctx.join(timeout=5):
+        codes = [p.exitcode for p in ctx.processes]
+        if first_done is None and 0 in codes:
+            first_done = time.monotonic()
+        if first_done is not None and time.monotonic() > first_done + TEARDOWN_GRACE_S:
+            # A rank that exited 0 finished every collective, and a gloo collective finishes on
+            # one rank only once every rank has joined it: the ones still alive are stuck in
+            # tearing down (seen in CI: exit codes [0, None] after the final barrier). What a
+            # test checks is written before that, so it still decides the outcome.
+            for p in ctx.processes:
+                p.kill()
+            warnings.warn(
+                f"{fn.__name__}: ranks stuck after the others finished (exit codes {codes}); killed",
+                stacklevel=2,
+            )
+            break
         if time.monotonic() > deadline:
-            codes = [p.exitcode for p in ctx.processes]
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"{fn.__name__}: ranks not finished after {LAUNCH_TIMEOUT_S} s (exit codes {codes})")
