@@ -13,6 +13,7 @@ as it is, after its checksum is checked, so machines with no index access can be
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,10 +22,11 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ASSETS", "Asset", "AssetError", "archive_path", "asset_path", "cache_dir"]
+__all__ = ["ASSETS", "Asset", "AssetError", "archive_path", "asset_path", "cache_dir", "file_lock"]
 
 
 class AssetError(RuntimeError):
@@ -93,6 +95,29 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive inter-process lock held while the block runs (``flock`` on ``path``, created
+    if missing), so that processes sharing a cache (a sweep's workers, concurrent first runs) do
+    one download, extraction or conversion instead of racing on the same files. Where ``fcntl``
+    is missing (Windows) it locks nothing: callers stay correct by renaming finished work into
+    place atomically, and only duplicate the work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -134,10 +159,15 @@ def _download(asset: Asset, dest: Path) -> None:
             with urllib.request.urlopen(req, timeout=60) as r:
                 files = json.load(r)["files"]
             entry = next(f for f in files if f["filename"] == asset.filename)
-            tmp = dest.with_suffix(dest.suffix + ".part")
-            with urllib.request.urlopen(entry["url"], timeout=600) as r, open(tmp, "wb") as f:
-                shutil.copyfileobj(r, f, length=1 << 20)
-            tmp.replace(dest)
+            # a file of its own, renamed into place whole: a reader never sees half an archive
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+            try:
+                with urllib.request.urlopen(entry["url"], timeout=600) as r, os.fdopen(fd, "wb") as f:
+                    shutil.copyfileobj(r, f, length=1 << 20)
+                os.replace(tmp, dest)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
             return
         except StopIteration:
             errors.append(f"{url}: no file {asset.filename}")
@@ -158,18 +188,19 @@ def archive_path(key: str) -> Path:
     archives = cache_dir() / "archives"
     archives.mkdir(parents=True, exist_ok=True)
     dest = archives / asset.filename
-    seed_dir = os.environ.get("GEODISTILL_ASSET_DIR")
-    if not dest.exists() and seed_dir and (Path(seed_dir) / asset.filename).exists():
-        shutil.copyfile(Path(seed_dir) / asset.filename, dest)
-    if not dest.exists():
-        _download(asset, dest)
-    digest = _sha256(dest)
-    if digest != asset.sha256:
-        bad = dest.with_suffix(dest.suffix + ".bad")
-        dest.replace(bad)
-        raise AssetError(
-            f"checksum mismatch for {asset.filename}: got {digest}, expected {asset.sha256} (moved to {bad})"
-        )
+    with file_lock(archives / f".{asset.filename}.lock"):  # one download, however many processes ask
+        seed_dir = os.environ.get("GEODISTILL_ASSET_DIR")
+        if not dest.exists() and seed_dir and (Path(seed_dir) / asset.filename).exists():
+            shutil.copyfile(Path(seed_dir) / asset.filename, dest)
+        if not dest.exists():
+            _download(asset, dest)
+        digest = _sha256(dest)
+        if digest != asset.sha256:
+            bad = dest.with_suffix(dest.suffix + ".bad")
+            dest.replace(bad)
+            raise AssetError(
+                f"checksum mismatch for {asset.filename}: got {digest}, expected {asset.sha256} (moved to {bad})"
+            )
     return dest
 
 
@@ -187,7 +218,9 @@ def asset_path(key: str, member: str) -> Path:
     archive = archive_path(key)
     prefix = member.rstrip("/")
     root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
+    with file_lock(root / f".{marker.stem}.lock"), tempfile.TemporaryDirectory(dir=root) as tmp:
+        if marker.exists() and target.exists():  # another process extracted it while we waited
+            return target
         found = _extract(archive, prefix, Path(tmp))
         if not found:
             raise AssetError(f"{archive.name} has no member {member!r}")
@@ -195,7 +228,7 @@ def asset_path(key: str, member: str) -> Path:
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         target.parent.mkdir(parents=True, exist_ok=True)
         (Path(tmp) / prefix).replace(target)
-    marker.write_text(ASSETS[key].sha256)
+        marker.write_text(ASSETS[key].sha256)
     return target
 
 

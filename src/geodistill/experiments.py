@@ -41,7 +41,6 @@ under ``axes`` for :mod:`geodistill.stats`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import itertools
@@ -59,11 +58,12 @@ import types
 import typing
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from geodistill.assets import file_lock
 from geodistill.config import (
     ConfigError,
     DistillConfig,
@@ -502,28 +502,11 @@ def plan_table(plan: list[PlannedRun], done: set[str] | None = None, failed: set
 # results.jsonl
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock on ``path`` (POSIX; elsewhere a no-op: one sweep at a time)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - non-POSIX
-            yield
-            return
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def append_row(path: str | Path, row: dict[str, Any]) -> None:
     """Append one JSON line under a file lock, flushed to disk before returning."""
     path = Path(path)
     line = json.dumps(row, default=str, allow_nan=True) + "\n"
-    with _locked(path.with_name(path.name + ".lock")), open(path, "ab") as f:
+    with file_lock(path.with_name(path.name + ".lock")), open(path, "ab") as f:
         if f.tell() > 0:
             with open(path, "rb") as r:  # a line cut short by a kill must not swallow this one
                 r.seek(-1, os.SEEK_END)

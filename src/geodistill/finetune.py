@@ -52,19 +52,14 @@ def _slug(name: str) -> str:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Any:
-    path.parent.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # under torchrun / accelerate launch every rank takes part in the one fine-tuning run (a
         # lock would let one rank start DDP collectives the others never join)
         yield
         return
-    with open(path, "w") as f:
-        try:
-            import fcntl
+    from geodistill.assets import file_lock
 
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except ImportError:  # Windows: no advisory locks; parallel workers may duplicate work
-            pass
+    with file_lock(path):
         yield
 
 

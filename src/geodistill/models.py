@@ -45,7 +45,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from geodistill.assets import ASSETS, asset_path, cache_dir
+from geodistill.assets import ASSETS, asset_path, cache_dir, file_lock
 
 __all__ = [
     "OFFLINE_MODELS",
@@ -156,32 +156,12 @@ def _is_complete(directory: Path, spec: OfflineModel) -> bool:
     )
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock, so concurrent first uses convert once instead of N times.
-
-    Correctness does not depend on it (the final rename is atomic); where ``fcntl`` is missing
-    (Windows) each process converts on its own and the first rename wins.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def _materialise_gguf(name: str, spec: OfflineModel) -> Path:
     target = cache_dir() / "models" / name
     if _is_complete(target, spec):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{name}.lock"):
+    with file_lock(target.parent / f".{name}.lock"):  # concurrent first uses convert once
         if _is_complete(target, spec):  # another process finished while we waited for the lock
             return target
         gguf_file = asset_path(spec.asset, spec.member)

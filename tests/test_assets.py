@@ -1,0 +1,149 @@
+"""Offline assets: a cache shared by many processes (a sweep's workers on a fresh machine)."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from geodistill import assets
+from geodistill.assets import Asset, AssetError, archive_path, asset_path
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="file locks are POSIX-only")
+
+
+@pytest.fixture
+def fake_asset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A registered asset "fake" whose download is slow (written in pieces, as over a network)
+    and counted: returns (the wheel as served, the file that counts downloads)."""
+    served = tmp_path / "served" / "fake-1.0-py3-none-any.whl"
+    served.parent.mkdir()
+    with zipfile.ZipFile(served, "w") as z:
+        z.writestr("fake/data/rows.txt", "".join(f"row {i}\n" for i in range(2000)))
+        z.writestr("fake/data/other.txt", "other\n")
+    digest = hashlib.sha256(served.read_bytes()).hexdigest()
+    asset = Asset("fake", "1.0", served.name, digest, "MIT", "a test archive")
+    monkeypatch.setitem(assets.ASSETS, "fake", asset)
+    monkeypatch.setenv("GEODISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("GEODISTILL_ASSET_DIR", raising=False)
+    calls = tmp_path / "downloads.txt"
+
+    def slow_download(asset: Asset, dest: Path) -> None:
+        with open(calls, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        data = served.read_bytes()
+        part = dest.with_suffix(dest.suffix + ".part")  # the old shared temp name: racing writers collide
+        with open(part, "ab") as f:
+            for i in range(0, len(data), 1024):
+                f.write(data[i : i + 1024])
+                f.flush()
+                time.sleep(0.002)
+        part.replace(dest)
+
+    monkeypatch.setattr(assets, "_download", slow_download)
+    return served, calls
+
+
+def _use(member: str, out: multiprocessing.Queue) -> None:
+    try:
+        out.put(("ok", str(asset_path("fake", member))))
+    except Exception as e:  # reported to the parent, which fails the test with it
+        out.put(("error", repr(e)))
+
+
+def test_concurrent_first_use_downloads_and_extracts_once(fake_asset: tuple[Path, Path]) -> None:
+    served, calls = fake_asset
+    ctx = multiprocessing.get_context("fork")
+    out: multiprocessing.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_use, args=("fake/data", out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [status for status, _ in results] == ["ok"] * 4, results
+    assert len({path for _, path in results}) == 1
+    assert len(calls.read_text().split()) == 1  # one download, however many processes asked
+    target = Path(results[0][1])
+    assert (target / "rows.txt").read_text().count("\n") == 2000
+    archives = Path(os.environ["GEODISTILL_CACHE"]) / "archives"
+    assert (archives / served.name).read_bytes() == served.read_bytes()
+    assert not list(archives.glob("*.part")) and not list(archives.glob("*.bad"))
+
+
+def test_checksum_mismatch_names_the_file_and_sets_it_aside(
+    fake_asset: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served, _ = fake_asset
+    good = assets.ASSETS["fake"]
+    monkeypatch.setitem(assets.ASSETS, "fake", Asset(**{**good.__dict__, "sha256": "0" * 64}))
+    with pytest.raises(AssetError, match=rf"checksum mismatch for {served.name}"):
+        archive_path("fake")
+    archives = Path(os.environ["GEODISTILL_CACHE"]) / "archives"
+    assert (archives / (served.name + ".bad")).exists() and not (archives / served.name).exists()
+    monkeypatch.setitem(assets.ASSETS, "fake", good)  # the next use downloads it again, verified
+    assert archive_path("fake").read_bytes() == served.read_bytes()
+
+
+def test_interrupted_extraction_is_redone(fake_asset: tuple[Path, Path]) -> None:
+    target = asset_path("fake", "fake/data/other.txt")
+    marker = target.parent.parent.parent / "fake__data__other.txt.done"
+    assert marker.exists()
+    marker.unlink()  # as if killed between the rename and the marker
+    target.write_text("half")
+    assert asset_path("fake", "fake/data/other.txt").read_text() == "other\n"
+
+
+def test_download_reads_the_simple_index_and_leaves_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real download path against a stand-in index (PEP 691 JSON), and a failing one."""
+    import io
+    import json
+    import urllib.request
+
+    data = b"wheel bytes " * 1000
+    asset = Asset("fake", "1.0", "fake-1.0-py3-none-any.whl", hashlib.sha256(data).hexdigest(), "MIT", "test")
+    monkeypatch.setitem(assets.ASSETS, "fake", asset)
+    monkeypatch.setenv("GEODISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(
+        assets, "_index_urls", lambda: ["https://broken.example/simple", "https://index.example/simple"]
+    )
+    asked = []
+
+    def urlopen(req: urllib.request.Request | str, timeout: float = 0) -> io.BytesIO:
+        url = req.full_url if isinstance(req, urllib.request.Request) else req
+        asked.append(url)
+        if url.startswith("https://broken.example"):
+            raise OSError("connection refused")
+        if url == "https://index.example/simple/fake/":
+            files = [
+                {"filename": "other.whl", "url": "x"},
+                {"filename": asset.filename, "url": "https://files/f.whl"},
+            ]
+            return io.BytesIO(json.dumps({"files": files}).encode())
+        assert url == "https://files/f.whl"
+        return io.BytesIO(data)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    path = archive_path("fake")
+    assert path.read_bytes() == data
+    assert asked == [
+        "https://broken.example/simple/fake/",
+        "https://index.example/simple/fake/",
+        "https://files/f.whl",
+    ]
+    assert sorted(p.name for p in path.parent.iterdir() if not p.name.startswith(".")) == [asset.filename]
+
+    monkeypatch.setitem(assets.ASSETS, "fake", Asset(**{**asset.__dict__, "filename": "gone.whl"}))
+    with pytest.raises(
+        AssetError, match=r"gone\.whl .*broken\.example.*connection refused; .*no file gone\.whl"
+    ):
+        archive_path("fake")
+    assert not list(path.parent.glob("*.part"))
