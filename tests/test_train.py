@@ -426,6 +426,55 @@ def test_one_teacher_pass_serves_every_pooled_tap(assets, tmp_path, monkeypatch)
     assert len(train_module.cached_taps([(2, "cls")], runs[0].teacher, 100)) == 2 * n
 
 
+def _setup_slowly(cfg: DistillConfig, out, start) -> None:
+    """In a fresh process: set a run up with a slow teacher pass; report how many teacher caches
+    this process computed and wrote, and the logits it ended up with."""
+    import time
+
+    import geodistill.tasks as tasks
+
+    forward, save, saved = tasks.ClassificationTask.forward, tasks.TeacherCache.save, []
+
+    def slow_forward(self, *args, **kwargs):
+        time.sleep(0.2)
+        return forward(self, *args, **kwargs)
+
+    def counted_save(self, path: Path) -> None:
+        saved.append(path)
+        save(self, path)
+
+    tasks.ClassificationTask.forward, tasks.TeacherCache.save = slow_forward, counted_save
+    start.wait()  # every process is imported and ready: set up together
+    try:
+        r = setup(cfg, progress=False)
+        out.put((len(saved), r.teacher_cache.logits.tolist()))  # plain data: the child exits
+    except Exception as e:  # the parent fails the test with it
+        out.put((repr(e), None))
+
+
+def test_concurrent_runs_compute_the_teacher_cache_once(assets, tmp_path, monkeypatch) -> None:
+    """A sweep's workers start runs of one teacher together on a fresh cache: one process computes
+    the teacher's outputs, the others wait and read them (they raced on one temporary file)."""
+    import multiprocessing
+
+    monkeypatch.setenv("GEODISTILL_CACHE", str(tmp_path / "cache"))  # inherited by the children
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    cfgs = [make_cfg(assets, tmp_path / f"r{i}", "losses.1.pooling=tokens") for i in range(3)]
+    start = ctx.Barrier(len(cfgs))
+    procs = [ctx.Process(target=_setup_slowly, args=(cfg, out, start)) for cfg in cfgs]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert all(isinstance(n, int) for n, _ in results), results
+    assert sorted(n for n, _ in results) == [0, 0, 1]
+    assert all(logits == results[0][1] for _, logits in results)
+    files = sorted(p.name for p in (tmp_path / "cache" / "teacher_outputs").iterdir())
+    assert len(files) == 2 and files[0].endswith(".pt") and files[1].endswith(".pt.lock"), files
+
+
 def test_optimizer_implementations() -> None:
     """foreach AdamW (the default here) is torch's per-tensor CPU AdamW bit for bit; fused AdamW
     (train.fused_optimizer) agrees to float rounding."""

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -652,8 +653,20 @@ def teacher_answers(
     Generated once and stored as JSON at ``path`` (keyed by the caller on teacher, data and
     prompt settings), so every run of a sweep trains on the same targets.
     """
-    if path is not None and path.exists():
-        return json.loads(path.read_text())
+    if path is not None:
+        from geodistill.assets import file_lock
+
+        with file_lock(path.with_name(path.name + ".lock")):  # concurrent runs generate them once
+            if not path.exists():
+                answers = teacher_answers(
+                    teacher, task, batch_size=batch_size, device=device, progress=progress
+                )
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(answers))
+                tmp.replace(path)
+                return answers
+            return json.loads(path.read_text())
     prompts, _ = task.prompts("train")
     answers = generate_answers(
         teacher,
@@ -665,11 +678,6 @@ def teacher_answers(
         progress=progress,
         desc="teacher answers (cached once)",
     )
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(answers))
-        tmp.replace(path)
     return answers
 
 

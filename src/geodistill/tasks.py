@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,10 +202,18 @@ class TeacherCache:
         path: Path | None = None,
         progress: bool = True,
     ) -> TeacherCache:
-        if path is not None and path.exists():
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            feats = {(int(k.split(":")[0]), k.split(":")[1]): v for k, v in blob["features"].items()}
-            return cls(blob["logits"], feats, blob.get("offsets"))
+        if path is not None:
+            from geodistill.assets import file_lock
+
+            # runs of a sweep start together on a fresh cache: one computes, the others wait and read
+            with file_lock(path.with_name(path.name + ".lock")):
+                if path.exists():
+                    return cls.load(path)
+                cache = cls.build(
+                    task, teacher, taps, batch_size=batch_size, device=device, progress=progress
+                )
+                cache.save(path)
+                return cache
         ds = task.dataset("train")
         lens = torch.tensor(task.lengths("train", teacher=True), dtype=torch.long)
         # longest first, in batches of similar length: little padding; rows are put back in example order
@@ -242,20 +251,25 @@ class TeacherCache:
             logits = torch.zeros(0, 0)
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
         feats = {**pooled, **{t: torch.cat(rows) for t, rows in tokens.items()}}  # type: ignore[arg-type]
-        cache = cls(logits, feats, offsets)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(
-                {
-                    "logits": cache.logits,
-                    "features": {f"{k[0]}:{k[1]}": v for k, v in cache.features.items()},
-                    "offsets": offsets,
-                },
-                tmp,
-            )
-            tmp.replace(path)
-        return cache
+        return cls(logits, feats, offsets)
+
+    def save(self, path: Path) -> None:
+        """Write the cache to ``path`` whole (a temporary file of this process, then renamed)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        blob = {
+            "logits": self.logits,
+            "features": {f"{k[0]}:{k[1]}": v for k, v in self.features.items()},
+            "offsets": self.offsets,
+        }
+        torch.save(blob, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> TeacherCache:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        feats = {(int(k.split(":")[0]), k.split(":")[1]): v for k, v in blob["features"].items()}
+        return cls(blob["logits"], feats, blob.get("offsets"))
 
     def lookup(self, batch: dict[str, Tensor], taps: Iterable[Tap], device: torch.device) -> Outputs:
         """The cached teacher :class:`Outputs` for the examples ``batch['idx']``."""
