@@ -408,7 +408,11 @@ def test_real_launchers_run_distill_on_two_processes(assets, tmp_path: Path, lau
     single = bare(_single_process(make_cfg(assets, tmp_path / "one", *common, "train.batch_size=8")))
     assert set(ddp) <= set(single)
     worst = max((ddp[k].double() - single[k]).abs().max().item() for k in ddp)
-    assert worst < 1e-5, worst  # float32 training: the same steps up to summation order
+    # float32 training: the same steps up to summation order (one batch of 8 against two of 4 and
+    # an all-reduce), which Adam's normalisation can carry into the weights: measured up to 1.1e-5
+    # on an Intel Xeon (AVX-512 kernels), under 1e-5 on an AMD EPYC
+    tolerance = 5e-5
+    assert worst < tolerance, worst
     init = bare(_initial_weights(make_cfg(assets, tmp_path / "init", *common)))
     moved = max((ddp[k].double() - init[k]).abs().max().item() for k in ddp)
-    assert moved > 1e-3  # the steps did move the weights, far beyond the tolerance above
+    assert moved > 20 * tolerance, moved  # the steps did move the weights, far beyond the tolerance

@@ -498,7 +498,10 @@ def test_optimizer_implementations() -> None:
     reference, foreach, fused = steps(reference=True), steps(), steps(fused_optimizer=True)
     assert all(torch.equal(reference[k], foreach[k]) for k in reference)
     assert all(torch.allclose(reference[k], fused[k], rtol=1e-5, atol=1e-6) for k in reference)
-    assert any(not torch.equal(reference[k], fused[k]) for k in reference)  # a different kernel
+    # the fused kernel is the one selected (whether it rounds differently from the per-tensor loop
+    # depends on the CPU: it did on an AMD EPYC, it agreed to the last bit on an Intel Xeon)
+    opt = _optimizer(torch.nn.Linear(2, 2), TrainConfig(fused_optimizer=True))
+    assert all(g["fused"] and not g["foreach"] for g in opt.param_groups)
 
 
 def test_evaluation_in_length_order_and_best_dev_kept(assets, tmp_path) -> None:
