@@ -147,3 +147,18 @@ def test_download_reads_the_simple_index_and_leaves_no_partial_file(
     ):
         archive_path("fake")
     assert not list(path.parent.glob("*.part"))
+
+
+def test_written_whole_renames_on_success_and_cleans_up_on_error(tmp_path: Path) -> None:
+    from geodistill.assets import written_whole
+
+    path = tmp_path / "sub" / "cache.json"
+    with written_whole(path) as tmp:
+        assert tmp.parent == path.parent and tmp != path
+        tmp.write_text("first")
+        assert not path.exists()  # nothing at the final name until the block ends
+    assert path.read_text() == "first"
+    with pytest.raises(RuntimeError), written_whole(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert path.read_text() == "first" and sorted(p.name for p in path.parent.iterdir()) == ["cache.json"]

@@ -26,7 +26,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ASSETS", "Asset", "AssetError", "archive_path", "asset_path", "cache_dir", "file_lock"]
+__all__ = [
+    "ASSETS",
+    "Asset",
+    "AssetError",
+    "archive_path",
+    "asset_path",
+    "cache_dir",
+    "file_lock",
+    "written_whole",
+]
 
 
 class AssetError(RuntimeError):
@@ -118,6 +127,20 @@ def file_lock(path: str | Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """A temporary path of this process beside ``path``, renamed to ``path`` when the block ends
+    without an error (removed when it raises): a reader never sees half a file, and writers in
+    other processes never share the temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -159,15 +182,12 @@ def _download(asset: Asset, dest: Path) -> None:
             with urllib.request.urlopen(req, timeout=60) as r:
                 files = json.load(r)["files"]
             entry = next(f for f in files if f["filename"] == asset.filename)
-            # a file of its own, renamed into place whole: a reader never sees half an archive
-            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-            try:
-                with urllib.request.urlopen(entry["url"], timeout=600) as r, os.fdopen(fd, "wb") as f:
-                    shutil.copyfileobj(r, f, length=1 << 20)
-                os.replace(tmp, dest)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            with (
+                written_whole(dest) as tmp,
+                urllib.request.urlopen(entry["url"], timeout=600) as r,
+                open(tmp, "wb") as f,
+            ):
+                shutil.copyfileobj(r, f, length=1 << 20)
             return
         except StopIteration:
             errors.append(f"{url}: no file {asset.filename}")

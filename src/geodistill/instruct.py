@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -654,17 +653,15 @@ def teacher_answers(
     prompt settings), so every run of a sweep trains on the same targets.
     """
     if path is not None:
-        from geodistill.assets import file_lock
+        from geodistill.assets import file_lock, written_whole
 
         with file_lock(path.with_name(path.name + ".lock")):  # concurrent runs generate them once
             if not path.exists():
                 answers = teacher_answers(
                     teacher, task, batch_size=batch_size, device=device, progress=progress
                 )
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(answers))
-                tmp.replace(path)
+                with written_whole(path) as tmp:
+                    tmp.write_text(json.dumps(answers))
                 return answers
             return json.loads(path.read_text())
     prompts, _ = task.prompts("train")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,15 +254,15 @@ class TeacherCache:
 
     def save(self, path: Path) -> None:
         """Write the cache to ``path`` whole (a temporary file of this process, then renamed)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        from geodistill.assets import written_whole
+
         blob = {
             "logits": self.logits,
             "features": {f"{k[0]}:{k[1]}": v for k, v in self.features.items()},
             "offsets": self.offsets,
         }
-        torch.save(blob, tmp)
-        tmp.replace(path)
+        with written_whole(path) as tmp:
+            torch.save(blob, tmp)
 
     @classmethod
     def load(cls, path: Path) -> TeacherCache:
