@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
 from geodistill import __version__
+from geodistill.assets import written_whole
 from geodistill.config import ConfigError, DistillConfig, TrainConfig, identity_hash, to_dict
 from geodistill.distributed import global_distance, is_distributed
 from geodistill.features import resolve_layer_pairs
@@ -945,19 +946,17 @@ def _save_checkpoint(
 
         rngs = gather_object(rngs)
     if acc.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(
-            {
-                "student": model_state,
-                "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(),
-                "progress": dict(state),
-                "rng": rngs,
-            },
-            tmp,
-        )
-        tmp.replace(path)
+        with written_whole(path) as tmp:
+            torch.save(
+                {
+                    "student": model_state,
+                    "optimizer": optimizer_state,
+                    "scheduler": scheduler.state_dict(),
+                    "progress": dict(state),
+                    "rng": rngs,
+                },
+                tmp,
+            )
     acc.wait_for_everyone()
 
 
