@@ -8,6 +8,8 @@ Routes:
   procrustes/naive      2 - 2 * svdvals(X~^T Y~).sum() with autograd's SVD backward (float32)
   procrustes/eigh       geodistill, float64 eigh of the small Gram + deflation (CPU default)
   procrustes/ns         geodistill, float32 Newton-Schulz polar iteration (CUDA default)
+  procrustes/ns+compile the same with its steps through torch.compile (train.compile_polar; the
+                        warm-up call pays the compilation, which the timings leave out)
   gram/naive            ||X~ X~^T - Y~ Y~^T||_F^2 with n x n matrices (only where n x n fits)
   gram, cka             geodistill (d x d identities, never n x n)
 
@@ -70,9 +72,9 @@ def naive_gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (xn @ xn.mT - yn @ yn.mT).square().sum()
 
 
-def with_method(f: Callable, method: str) -> Callable:
+def with_method(f: Callable, method: str, compile: bool = False) -> Callable:
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with G.polar_method(method):
+        with G.polar_method(method, compile=compile):
             return f(x, y)
 
     return run
@@ -127,6 +129,10 @@ def bench(shapes: list[tuple[int, int, int]], device: str, repeats: int) -> list
             "procrustes/naive": (naive_procrustes, "procrustes"),
             "procrustes/eigh": (with_method(G.procrustes_distance, "eigh"), "procrustes"),
             "procrustes/ns": (with_method(G.procrustes_distance, "newton-schulz"), "procrustes"),
+            "procrustes/ns+compile": (
+                with_method(G.procrustes_distance, "newton-schulz", compile=True),
+                "procrustes",
+            ),
             "gram": (G.gram_distance, "gram"),
             "cka": (G.cka_distance, "cka"),
         }
@@ -157,7 +163,7 @@ def bench(shapes: list[tuple[int, int, int]], device: str, repeats: int) -> list
                 }
             )
             print(
-                f"n={n:6d} {ds:5d}x{dt:<5d} {name:18s} {med:9.2f} ms  x{med / base:6.3f} of naive  rel.err {rel:.1e}",
+                f"n={n:6d} {ds:5d}x{dt:<5d} {name:21s} {med:9.2f} ms  x{med / base:6.3f} of naive  rel.err {rel:.1e}",
                 flush=True,
             )
     return rows

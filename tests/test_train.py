@@ -303,11 +303,18 @@ def test_identity_hash_ignores_only_execution_fields(assets, tmp_path) -> None:
     cfg = make_cfg(assets, tmp_path / "run")
     # fields at their defaults: the plain hash of the config as it was before they existed
     before = to_dict(cfg)
+    later = {
+        "group_by_length": True,
+        "fused_optimizer": True,
+        "polar": "newton-schulz",
+        "compile_polar": True,
+    }
     for section in ("train", "teacher_train"):
-        del before[section]["group_by_length"], before[section]["fused_optimizer"]
+        for name in later:
+            del before[section][name]
     assert identity_hash(cfg) == config_hash(before)
-    for later in ("group_by_length", "fused_optimizer"):  # a later field that is used changes the run
-        assert identity_hash(replace(cfg, train=replace(cfg.train, **{later: True}))) != identity_hash(cfg)
+    for name, value in later.items():  # a later field that is used changes the run
+        assert identity_hash(replace(cfg, train=replace(cfg.train, **{name: value}))) != identity_hash(cfg)
     how = replace(
         cfg,
         train=replace(cfg.train, threads=1, device="cpu", parallel="fsdp", save_every=2, num_workers=2),
@@ -502,6 +509,29 @@ def test_optimizer_implementations() -> None:
     # depends on the CPU: it did on an AMD EPYC, it agreed to the last bit on an Intel Xeon)
     opt = _optimizer(torch.nn.Linear(2, 2), TrainConfig(fused_optimizer=True))
     assert all(g["fused"] and not g["foreach"] for g in opt.param_groups)
+
+
+def test_polar_method_of_the_config_applies_during_training(assets, tmp_path) -> None:
+    """train.polar / train.compile_polar choose geometry's route for the whole run (and only it)."""
+    from typing import get_args, get_type_hints
+
+    from geodistill import geometry
+    from geodistill.config import TrainConfig
+
+    assert get_args(get_type_hints(TrainConfig)["polar"]) == geometry.POLAR_METHODS
+    seen = []
+    cfg = make_cfg(
+        assets, tmp_path / "run", "train.max_steps=2", "train.polar=eigh", "train.compile_polar=true"
+    )
+
+    def record(event: str, state: dict) -> None:
+        seen.append(dict(geometry._POLAR))
+
+    run(cfg, callbacks=[record])
+    assert seen and all(p == {"method": "eigh", "compile": True} for p in seen)
+    assert geometry._POLAR == {"method": "auto", "compile": False}
+    with pytest.raises(ConfigError, match=r"train\.polar"):
+        make_cfg(assets, tmp_path / "bad", "train.polar=svd")
 
 
 def test_evaluation_in_length_order_and_best_dev_kept(assets, tmp_path) -> None:

@@ -224,6 +224,15 @@ class TrainConfig:
         "default, which matters for small students; results agree with the default to float rounding only",
         default=False,
     )
+    polar: Literal["auto", "eigh", "newton-schulz"] = _help(
+        "how Procrustes terms compute the nuclear norm and its gradient: auto = Newton-Schulz polar iteration "
+        "on a GPU, float64 eigh elsewhere (both exact to the geometry core's bound; see geometry.polar_method)",
+        default="auto",
+    )
+    compile_polar: bool = _help(
+        "run the Newton-Schulz polar steps through torch.compile (compiled once per process, on first use)",
+        default=False,
+    )
     num_workers: int = _help("DataLoader worker processes", default=0)
     parallel: Literal["ddp", "fsdp"] = _help(
         "under torchrun / accelerate launch: ddp replicates the student on every process; fsdp (FSDP2) shards "
@@ -394,7 +403,7 @@ def _reset_execution(obj: Any) -> Any:
 #: fields added after results were recorded: left out of the identity while at their default, so
 #: that configs which do not use them keep the hash of their finished runs and cached teachers
 ADDED_LATER: dict[type, tuple[str, ...]] = {
-    TrainConfig: ("group_by_length", "fused_optimizer"),
+    TrainConfig: ("group_by_length", "fused_optimizer", "polar", "compile_polar"),
 }
 
 

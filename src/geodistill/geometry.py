@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "POLAR_METHODS",
     "center",
     "cka",
     "cka_distance",
@@ -227,31 +228,65 @@ _NS_CHECK_EVERY = 2
 # is then the only error. A tighter Frobenius test would sit below float32's noise floor.
 _NS_TOL = 1e-3
 _NS_FINAL_STEPS = 2
-_POLAR = {"method": "auto"}
+_POLAR: dict[str, str | bool] = {"method": "auto", "compile": False}
+POLAR_METHODS = ("auto", "eigh", "newton-schulz")
 
 
 @contextlib.contextmanager
-def polar_method(method: str):
+def polar_method(method: str, *, compile: bool = False):
     """Choose how the nuclear norm's decomposition is computed, within a ``with`` block.
 
     ``"auto"`` (default): Newton-Schulz on CUDA devices, eigh elsewhere; ``"eigh"``: float64
     eigendecomposition with deflation (any device); ``"newton-schulz"``: float32 polar iteration
     with a convergence test, falling back to eigh when it does not converge (rank-deficient or
     extremely ill-conditioned inputs). All are exact to the geometry core's bound.
+
+    ``compile=True`` runs the Newton-Schulz steps through ``torch.compile`` (two graphs with
+    dynamic shapes per dtype, compiled on first use: seconds to a minute, once per process). The
+    convergence test and the fallback are unchanged, so the result keeps the same bound; the eigh
+    route is not compiled (its cost is the float64 decomposition itself).
     """
-    if method not in ("auto", "eigh", "newton-schulz"):
+    if method not in POLAR_METHODS:
         raise ValueError(f"polar method must be 'auto', 'eigh' or 'newton-schulz', got {method!r}")
-    old = _POLAR["method"]
-    _POLAR["method"] = method
+    old = dict(_POLAR)
+    _POLAR.update(method=method, compile=bool(compile))
     try:
         yield
     finally:
-        _POLAR["method"] = old
+        _POLAR.update(old)
 
 
 def _use_newton_schulz(m: Tensor) -> bool:
     method = _POLAR["method"]
     return method == "newton-schulz" or (method == "auto" and m.device.type == "cuda")
+
+
+def _ns_quintic(x: Tensor, eye: Tensor) -> Tensor:
+    """The quintic Newton-Schulz steps: small singular values grow to about [0.7, 1.2]."""
+    qa, qb, qc = _NS_QUINTIC
+    for _ in range(_NS_QUINTIC_STEPS):
+        g = x.mT @ x
+        x = x @ (qa * eye + g @ (qb * eye + qc * g))
+    return x
+
+
+def _ns_cubic(x: Tensor, eye: Tensor) -> tuple[Tensor, Tensor]:
+    """``(||x^T x - I||_F, x (1.5 I - 0.5 x^T x))``: the residual of ``x`` and one cubic step."""
+    g = x.mT @ x
+    return torch.linalg.vector_norm(g - eye), x @ (1.5 * eye - 0.5 * g)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _ns_steps() -> tuple[Callable, Callable]:
+    """The step functions, compiled (once per process) when ``polar_method(..., compile=True)``."""
+    if not _POLAR["compile"]:
+        return _ns_quintic, _ns_cubic
+    if not _COMPILED:
+        _COMPILED["quintic"] = torch.compile(_ns_quintic, fullgraph=True, dynamic=True)
+        _COMPILED["cubic"] = torch.compile(_ns_cubic, fullgraph=True, dynamic=True)
+    return _COMPILED["quintic"], _COMPILED["cubic"]
 
 
 def _newton_schulz_nuclear_and_polar(m: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -274,24 +309,22 @@ def _newton_schulz_nuclear_and_polar(m: Tensor) -> tuple[Tensor, Tensor] | None:
     if float(scale) == 0.0:
         return None
     eye = torch.eye(a.shape[1], device=a.device, dtype=work)
+    quintic, cubic = _ns_steps()
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # TF32 would cap the accuracy at ~1e-3
     try:
-        x = a / scale
-        qa, qb, qc = _NS_QUINTIC
-        for _ in range(_NS_QUINTIC_STEPS):
-            g = x.mT @ x
-            x = x @ (qa * eye + g @ (qb * eye + qc * g))
+        x = quintic(a / scale, eye)
         converged = False
         for step in range(_NS_MAX_CUBIC_STEPS):
-            g = x.mT @ x
-            if step % _NS_CHECK_EVERY == 0 and float(torch.linalg.vector_norm(g - eye)) <= _NS_TOL:
+            residual, x_next = cubic(x, eye)
+            if step % _NS_CHECK_EVERY == 0 and float(residual) <= _NS_TOL:
                 converged = True
                 break
-            x = x @ (1.5 * eye - 0.5 * g)
-        if converged:
-            for _ in range(_NS_FINAL_STEPS):
-                x = x @ (1.5 * eye - 0.5 * (x.mT @ x))
+            x = x_next
+        if converged:  # x_next is the first of the final steps
+            x = x_next
+            for _ in range(_NS_FINAL_STEPS - 1):
+                x = cubic(x, eye)[1]
     finally:
         torch.set_float32_matmul_precision(previous)
     if not converged:

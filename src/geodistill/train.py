@@ -39,6 +39,7 @@ from geodistill.assets import written_whole
 from geodistill.config import ConfigError, DistillConfig, TrainConfig, identity_hash, to_dict
 from geodistill.distributed import global_distance, is_distributed
 from geodistill.features import resolve_layer_pairs
+from geodistill.geometry import polar_method
 from geodistill.losses import LossTerm, _up, resolve_losses
 from geodistill.parallel import Parallel, shard_model
 from geodistill.tasks import Outputs, Tap
@@ -652,6 +653,13 @@ def train(
     run: Run, callbacks: list[Callable[[str, dict[str, Any]], None]] | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Train ``run.student`` and return the results (also written to ``results.json``)."""
+    with polar_method(run.train_cfg.polar, compile=run.train_cfg.compile_polar):
+        return _train(run, callbacks, progress)
+
+
+def _train(
+    run: Run, callbacks: list[Callable[[str, dict[str, Any]], None]] | None, progress: bool
+) -> dict[str, Any]:
     cfg, out = run.train_cfg, run.output_dir
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
