@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -279,13 +280,38 @@ def _ns_cubic(x: Tensor, eye: Tensor) -> tuple[Tensor, Tensor]:
 _COMPILED: dict[str, Callable] = {}
 
 
+def _compiled_or_eager(name: str, eager: Callable) -> Callable:
+    """``torch.compile(eager)``, falling back to ``eager`` (with one warning) if compiling fails:
+    the compiler depends on the process (a C++ toolchain on the CPU, Triton on a GPU, even which
+    modules were imported before it), the maths does not."""
+    compiled = torch.compile(eager, fullgraph=True, dynamic=True)
+
+    def run(*args: Tensor) -> Tensor | tuple[Tensor, ...]:
+        if "failed" in _COMPILED:
+            return eager(*args)
+        try:
+            return compiled(*args)
+        except Exception as e:  # any compiler failure; a maths error would recur in eager
+            _COMPILED["failed"] = eager
+            warnings.warn(
+                f"torch.compile of the Newton-Schulz steps failed ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); running them uncompiled",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return eager(*args)
+
+    run.__name__ = f"compiled_{name}"
+    return run
+
+
 def _ns_steps() -> tuple[Callable, Callable]:
     """The step functions, compiled (once per process) when ``polar_method(..., compile=True)``."""
     if not _POLAR["compile"]:
         return _ns_quintic, _ns_cubic
-    if not _COMPILED:
-        _COMPILED["quintic"] = torch.compile(_ns_quintic, fullgraph=True, dynamic=True)
-        _COMPILED["cubic"] = torch.compile(_ns_cubic, fullgraph=True, dynamic=True)
+    if "quintic" not in _COMPILED:
+        _COMPILED["quintic"] = _compiled_or_eager("quintic", _ns_quintic)
+        _COMPILED["cubic"] = _compiled_or_eager("cubic", _ns_cubic)
     return _COMPILED["quintic"], _COMPILED["cubic"]
 
 
