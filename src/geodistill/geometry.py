@@ -248,7 +248,7 @@ def polar_method(method: str, *, compile: bool = False):
     route is not compiled (its cost is the float64 decomposition itself).
     """
     if method not in POLAR_METHODS:
-        raise ValueError(f"polar method must be 'auto', 'eigh' or 'newton-schulz', got {method!r}")
+        raise ValueError(f"polar method must be one of {', '.join(map(repr, POLAR_METHODS))}, got {method!r}")
     old = dict(_POLAR)
     _POLAR.update(method=method, compile=bool(compile))
     try:
