@@ -246,6 +246,20 @@ def test_bad_objective_stops_before_training(assets, tmp_path, override: str, ma
     assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["student.init=pretrained"], r"student\.name: required when student\.init is 'pretrained'"),
+        (["student.init=layer_subset"], r"student\.layers: required .*\(e\.g\. \[0, 2, 4\]\)"),
+        (["student.init=layer_subset", "student.layers=[0, 7]"], r"student\.layers: .*7"),
+    ],
+)
+def test_bad_student_names_its_field(assets, tmp_path, overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        setup(make_cfg(assets, tmp_path / "run", *overrides), progress=False)
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
 def test_labels_outside_label_set(assets, tmp_path) -> None:
     data = tmp_path / "data"
     data.mkdir()

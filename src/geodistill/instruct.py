@@ -756,6 +756,7 @@ def setup_instruction(
         Run,
         Student,
         _model_fingerprint,
+        build_student,
         feature_pairs,
         run_metadata,
         seed_everything,
@@ -790,25 +791,11 @@ def setup_instruction(
     # student: seeded init, sharing the teacher's tokenizer
     seed_everything(tcfg.seed)
     s = cfg.student
-    tokenizer = teacher_tok
-    if s.init == "pretrained":
-        if not s.name:
-            raise ConfigError("student.name: required when student.init is 'pretrained'")
-        try:
-            student_model = models.load_causal_lm(s.name)
-        except ValueError as e:
-            raise ConfigError(f"student.name: {e}") from e
-        tokenizer = models.load_tokenizer(s.name)
-        if (teacher is not None or seq_kd) and tokenizer.get_vocab() != teacher_tok.get_vocab():
-            raise ConfigError(
-                f"student.name: {s.name!r} has another tokenizer than teacher.name {cfg.teacher.name!r}; "
-                "token-level distillation needs one tokenizer"
-            )
-    elif s.init == "layer_subset":
-        if not s.layers:
-            raise ConfigError(
-                "student.layers: required when student.init is 'layer_subset' (e.g. [0, 6, 12, 18, 24, 29])"
-            )
+
+    def load_pretrained(name: str) -> nn.Module:
+        return models.load_causal_lm(name)
+
+    def teacher_weights() -> nn.Module:
         # the loaded teacher is the pretrained one in float32 unless fine-tuned, cast or overridden
         reuse = (
             teacher is not None
@@ -816,27 +803,25 @@ def setup_instruction(
             and teacher_name == cfg.teacher.name
             and cfg.teacher.dtype == "float32"
         )
-        base = teacher if reuse else models.load_causal_lm(cfg.teacher.name)
-        try:
-            student_model = models.layer_subset_student(base, list(s.layers))
-        except ValueError as e:
-            raise ConfigError(f"student.layers: {e}") from e
-        del base
-    else:
-        teacher_config = AutoConfig.from_pretrained(models.resolve_model(cfg.teacher.name))
-        try:
-            student_model = models.narrow_student(
-                teacher_config,
-                num_layers=s.num_layers,
-                hidden_size=s.hidden_size,
-                num_heads=s.num_heads,
-                intermediate_size=s.intermediate_size,
-                task="causal-lm",
-                architecture=s.architecture,
-                tokenizer=teacher_tok,
+        return teacher if reuse else models.load_causal_lm(cfg.teacher.name)
+
+    student_model = build_student(
+        s,
+        load=load_pretrained,
+        teacher_model=teacher_weights,
+        teacher_config=lambda: AutoConfig.from_pretrained(models.resolve_model(cfg.teacher.name)),
+        layers_example="[0, 6, 12, 18, 24, 29]",
+        task="causal-lm",
+        tokenizer=teacher_tok,
+    )
+    tokenizer = teacher_tok
+    if s.init == "pretrained":
+        tokenizer = models.load_tokenizer(s.name)
+        if (teacher is not None or seq_kd) and tokenizer.get_vocab() != teacher_tok.get_vocab():
+            raise ConfigError(
+                f"student.name: {s.name!r} has another tokenizer than teacher.name {cfg.teacher.name!r}; "
+                "token-level distillation needs one tokenizer"
             )
-        except ValueError as e:
-            raise ConfigError(f"student: {e}") from e
     student_model.float().requires_grad_(True)
     check_answer_logits(student_model, "student")
     if teacher is not None:

@@ -36,7 +36,14 @@ from torch.utils.data import DataLoader, Sampler
 
 from geodistill import __version__
 from geodistill.assets import written_whole
-from geodistill.config import ConfigError, DistillConfig, TrainConfig, identity_hash, to_dict
+from geodistill.config import (
+    ConfigError,
+    DistillConfig,
+    StudentConfig,
+    TrainConfig,
+    identity_hash,
+    to_dict,
+)
 from geodistill.distributed import global_distance, is_distributed
 from geodistill.features import resolve_layer_pairs
 from geodistill.geometry import polar_method
@@ -375,6 +382,56 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_student(
+    s: StudentConfig,
+    *,
+    load: Callable[[str], nn.Module],
+    teacher_model: Callable[[], nn.Module],
+    teacher_config: Callable[[], Any],
+    layers_example: str,
+    **narrow: Any,
+) -> nn.Module:
+    """The student that ``s`` describes, every config error naming its field.
+
+    The task supplies how models are made: ``load(name)`` a pretrained model (``init: pretrained``),
+    ``teacher_model()`` the teacher's pretrained weights to keep ``s.layers`` of (``layer_subset``),
+    ``teacher_config()`` the config a narrow student is shrunk from (``config``), with ``narrow``
+    passed on to :func:`geodistill.models.narrow_student` (``task``, ``num_labels``, ``tokenizer``).
+    """
+    from geodistill import models
+
+    if s.init == "pretrained":
+        if not s.name:
+            raise ConfigError("student.name: required when student.init is 'pretrained'")
+        try:
+            return load(s.name)
+        except ValueError as e:
+            raise ConfigError(f"student.name: {e}") from e
+    if s.init == "layer_subset":
+        if not s.layers:
+            raise ConfigError(
+                f"student.layers: required when student.init is 'layer_subset' (e.g. {layers_example})"
+            )
+        base = teacher_model()
+        try:
+            return models.layer_subset_student(base, list(s.layers))
+        except ValueError as e:
+            raise ConfigError(f"student.layers: {e}") from e
+    config = teacher_config()
+    try:
+        return models.narrow_student(
+            config,
+            num_layers=s.num_layers,
+            hidden_size=s.hidden_size,
+            num_heads=s.num_heads,
+            intermediate_size=s.intermediate_size,
+            architecture=s.architecture,
+            **narrow,
+        )
+    except ValueError as e:
+        raise ConfigError(f"student: {e}") from e
+
+
 def setup(
     cfg: DistillConfig,
     *,
@@ -424,47 +481,20 @@ def setup(
 
     # student: seeded init, sharing the teacher's tokenizer unless pretrained
     seed_everything(tcfg.seed)
-    s = cfg.student
-    if s.init == "pretrained":
-        if not s.name:
-            raise ConfigError("student.name: required when student.init is 'pretrained'")
-        student_model = models.load_classifier(
-            s.name, num_labels=num_labels, label_names=list(data.label_names)
-        )
-        tokenizer = models.load_tokenizer(s.name)
-    elif s.init == "layer_subset":
-        if not s.layers:
-            raise ConfigError("student.layers: required when student.init is 'layer_subset' (e.g. [0, 2, 4])")
-        base = models.load_classifier(
-            cfg.teacher.name, num_labels=num_labels, label_names=list(data.label_names)
-        )
-        try:
-            student_model = models.layer_subset_student(base, list(s.layers))
-        except ValueError as e:
-            raise ConfigError(f"student.layers: {e}") from e
-        tokenizer = teacher_tok
-    else:
-        teacher_config = (
-            teacher
-            if teacher is not None
-            else models.load_classifier(
-                cfg.teacher.name, num_labels=num_labels, label_names=list(data.label_names)
-            )
-        ).config
-        try:
-            student_model = models.narrow_student(
-                teacher_config,
-                num_layers=s.num_layers,
-                hidden_size=s.hidden_size,
-                num_heads=s.num_heads,
-                intermediate_size=s.intermediate_size,
-                task="classification",
-                num_labels=num_labels,
-                architecture=s.architecture,
-            )
-        except ValueError as e:
-            raise ConfigError(f"student: {e}") from e
-        tokenizer = teacher_tok
+
+    def load_pretrained(name: str) -> nn.Module:
+        return models.load_classifier(name, num_labels=num_labels, label_names=list(data.label_names))
+
+    student_model = build_student(
+        cfg.student,
+        load=load_pretrained,
+        teacher_model=lambda: load_pretrained(cfg.teacher.name),
+        teacher_config=lambda: (teacher if teacher is not None else load_pretrained(cfg.teacher.name)).config,
+        layers_example="[0, 2, 4]",
+        task="classification",
+        num_labels=num_labels,
+    )
+    tokenizer = models.load_tokenizer(cfg.student.name) if cfg.student.init == "pretrained" else teacher_tok
     task = ClassificationTask(
         data, tokenizer, teacher_tok if teacher is not None else None, cfg.data.max_length
     )
