@@ -394,3 +394,54 @@ def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (tmp_path / "r" / "report.md").is_file()
     assert main(["report", str(path), "--metric", "test.f1"]) == 2
     assert "test.f1" in capsys.readouterr().err
+
+
+def test_report_where_keeps_only_the_named_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--where split_seed=1,2: the comparisons use exactly those replicates, the report says so,
+    and a column or value that no row has is an error naming what there is."""
+    from geodistill.cli import main
+
+    rows = []
+    for split in (0, 1, 2):
+        # split 0 carries a large effect, splits 1 and 2 none: the filter must change the estimate
+        rows += [
+            {
+                **r,
+                "split_seed": split,
+                "run_id": f"{r['run_id']}-{split}",
+                "config_hash": f"{r['config_hash']}|{split}",
+            }
+            for r in rows_for(
+                {("kd", None): 0.0, ("kd+gram", 0.1): 0.05 if split == 0 else 0.0},
+                seeds=range(6),
+                rng_seed=split,
+            )
+        ]
+    path = tmp_path / "results.jsonl"
+    for r in rows:
+        append_row(path, r)
+    full, _ = report(path, tmp_path / "all", resamples=200)
+    fresh, paths = report(path, tmp_path / "fresh", resamples=200, where={"split_seed": ["1", "2"]})
+    (c_all,), (c_fresh,) = full.comparisons, fresh.comparisons
+    assert c_all.pairs == 18 and c_fresh.pairs == 12
+    kd = {(r["seed"], r["split_seed"]): r["test.accuracy"] for r in rows if r["method"] == "kd"}
+    expect = np.mean(
+        [
+            100 * (r["test.accuracy"] - kd[r["seed"], r["split_seed"]])
+            for r in rows
+            if r["method"] == "kd+gram" and r["split_seed"] > 0
+        ]
+    )
+    assert c_fresh.mean_diff == pytest.approx(expect, abs=1e-9)
+    assert c_all.mean_diff > c_fresh.mean_diff + 1.0
+    assert "(only the rows with split_seed in {1, 2})" in paths["markdown"].read_text()
+    assert json.loads(paths["json"].read_text())["selection"] == "split_seed in {1, 2}"
+    # the CLI flag, and its errors
+    assert main(["report", str(path), "--out", str(tmp_path / "cli"), "--where", "split_seed=1,2"]) == 0
+    assert "12 pairs" in capsys.readouterr().out
+    assert main(["report", str(path), "--where", "fold=1"]) == 2
+    assert "no row has a column 'fold'" in capsys.readouterr().err
+    assert main(["report", str(path), "--where", "split_seed=7"]) == 2
+    assert "values: 0, 1, 2" in capsys.readouterr().err
+    assert main(["report", str(path), "--where", "split_seed"]) == 2
+    assert "column=value" in capsys.readouterr().err

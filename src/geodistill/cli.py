@@ -151,9 +151,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from geodistill.stats import report
+    from geodistill.stats import parse_where, report
 
-    analysis, paths = report(args.results, args.out, baseline=args.baseline, metric=args.metric)
+    where = parse_where(args.where)
+    analysis, paths = report(args.results, args.out, baseline=args.baseline, metric=args.metric, where=where)
     for c in analysis.comparisons:
         where = ", ".join(f"{k}={v}" for k, v in c.setting.items() if v is not None)
         what = ", ".join(f"{k}={v}" for k, v in c.treatment.items() if v is not None)
@@ -280,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--metric", default=None, help="row column to compare (default: test.<the task's metric>)")
     p.add_argument("--out", default=None, help="output directory (default: <results dir>/report)")
+    p.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="COLUMN=V[,V...]",
+        help="only the rows with one of these values in COLUMN (repeatable: all must hold), "
+        "e.g. --where split_seed=1,2",
+    )
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser(

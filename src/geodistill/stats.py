@@ -337,6 +337,43 @@ def _parse_baseline(spec: str) -> tuple[str, dict[str, str]]:
     return name.strip(), extra
 
 
+def parse_where(specs: Sequence[str]) -> dict[str, list[str]]:
+    """``["split_seed=1,2", "task=rte"]`` -> ``{"split_seed": ["1", "2"], "task": ["rte"]}``."""
+    where: dict[str, list[str]] = {}
+    for spec in specs:
+        column, sep, values = spec.partition("=")
+        wanted = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not column.strip() or not wanted:
+            raise StatsError(f"--where {spec!r}: expected column=value[,value...], e.g. split_seed=1,2")
+        if column.strip() in where:
+            raise StatsError(
+                f"--where names {column.strip()!r} twice; list its values once: {column.strip()}=a,b"
+            )
+        where[column.strip()] = wanted
+    return where
+
+
+def select_rows(rows: list[dict[str, Any]], where: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """The rows whose every named column has one of its listed values (the numbers compared as
+    numbers: ``alpha=1`` matches 1.0). A column that no row has is an error, not an empty report."""
+    for column, wanted in where.items():
+        if not any(column in r for r in rows):
+            known = sorted({k for r in rows for k in r if not k.startswith(("dev.", "test."))})
+            raise StatsError(
+                f"--where {column}=...: no row has a column {column!r} (columns: {', '.join(known)})"
+            )
+        seen = sorted({_cell(r.get(column)) for r in rows if column in r})
+        if not any(_same(r.get(column), v) for r in rows for v in wanted):
+            raise StatsError(
+                f"--where {column}={','.join(wanted)}: no row has that value (values: {', '.join(seen)})"
+            )
+    return [r for r in rows if all(any(_same(r.get(c), v) for v in vs) for c, vs in where.items())]
+
+
+def describe_where(where: dict[str, list[str]]) -> str:
+    return "; ".join(f"{c} in {{{', '.join(vs)}}}" for c, vs in where.items())
+
+
 def analyse(
     rows: list[dict[str, Any]],
     *,
@@ -897,7 +934,13 @@ def _loss_curves(groups: list[Group]) -> tuple[dict[str, dict[str, tuple[list[in
 
 
 def write_report(
-    a: Analysis, out_dir: str | Path, *, source: str = "", seed: int = 0, resamples: int = 10_000
+    a: Analysis,
+    out_dir: str | Path,
+    *,
+    source: str = "",
+    selection: str = "",
+    seed: int = 0,
+    resamples: int = 10_000,
 ) -> dict[str, Path]:
     """Write ``report.md``, ``tables.tex``, ``summary.json`` and PNG figures into ``out_dir``."""
     out = Path(out_dir)
@@ -918,7 +961,9 @@ def write_report(
     md = [
         f"# Sweep report: {a.metric}",
         "",
-        f"Source: `{source}`; {a.rows_used} finished runs used"
+        f"Source: `{source}`"
+        + (f" (only the rows with {selection})" if selection else "")
+        + f"; {a.rows_used} finished runs used"
         + (f", {len(a.rows_failed)} failed run(s) left out" if a.rows_failed else "")
         + f". Metric `{a.metric}` "
         + (
@@ -1018,7 +1063,8 @@ def write_report(
         )
         + "\n"
     )
-    paths["json"].write_text(json.dumps(_summary(a), indent=2, default=str) + "\n")
+    summary = {"source": source, "selection": selection or None, **_summary(a)}
+    paths["json"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
     for name, _ in figures:
         paths[name] = out / name
     return paths
@@ -1072,14 +1118,21 @@ def report(
     metric: str | None = None,
     seed: int = 0,
     resamples: int = 10_000,
+    where: dict[str, list[str]] | None = None,
 ) -> tuple[Analysis, dict[str, Path]]:
-    """Read a results.jsonl, analyse it and write the report (default: ``<its dir>/report``)."""
+    """Read a results.jsonl, analyse it and write the report (default: ``<its dir>/report``).
+
+    ``where`` keeps only the rows with the given column values (see :func:`select_rows`), e.g. the
+    data splits that did not choose a hyper-parameter; the report's source line names the filter.
+    """
     from geodistill.experiments import read_rows
 
     results_path = Path(results_path)
     if not results_path.is_file():
         raise FileNotFoundError(f"results file {results_path} not found")
     rows = read_rows(results_path)
+    if where:
+        rows = select_rows(rows, where)
     a = analyse(
         rows,
         metric=metric,
@@ -1089,4 +1142,11 @@ def report(
         results_dir=results_path.parent,
     )
     out = Path(out_dir) if out_dir is not None else results_path.parent / "report"
-    return a, write_report(a, out, source=str(results_path), seed=seed, resamples=resamples)
+    return a, write_report(
+        a,
+        out,
+        source=str(results_path),
+        selection=describe_where(where) if where else "",
+        seed=seed,
+        resamples=resamples,
+    )
