@@ -153,8 +153,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from geodistill.stats import parse_where, report
 
-    where = parse_where(args.where)
-    analysis, paths = report(args.results, args.out, baseline=args.baseline, metric=args.metric, where=where)
+    selection = parse_where(args.where)
+    analysis, paths = report(
+        args.results, args.out, baseline=args.baseline, metric=args.metric, where=selection
+    )
     for c in analysis.comparisons:
         where = ", ".join(f"{k}={v}" for k, v in c.setting.items() if v is not None)
         what = ", ".join(f"{k}={v}" for k, v in c.treatment.items() if v is not None)

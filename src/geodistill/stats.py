@@ -342,14 +342,13 @@ def parse_where(specs: Sequence[str]) -> dict[str, list[str]]:
     where: dict[str, list[str]] = {}
     for spec in specs:
         column, sep, values = spec.partition("=")
+        column = column.strip()
         wanted = [v.strip() for v in values.split(",") if v.strip()]
-        if not sep or not column.strip() or not wanted:
+        if not sep or not column or not wanted:
             raise StatsError(f"--where {spec!r}: expected column=value[,value...], e.g. split_seed=1,2")
-        if column.strip() in where:
-            raise StatsError(
-                f"--where names {column.strip()!r} twice; list its values once: {column.strip()}=a,b"
-            )
-        where[column.strip()] = wanted
+        if column in where:
+            raise StatsError(f"--where names {column!r} twice; list its values once: {column}=a,b")
+        where[column] = wanted
     return where
 
 
@@ -362,8 +361,8 @@ def select_rows(rows: list[dict[str, Any]], where: dict[str, list[str]]) -> list
             raise StatsError(
                 f"--where {column}=...: no row has a column {column!r} (columns: {', '.join(known)})"
             )
-        seen = sorted({_cell(r.get(column)) for r in rows if column in r})
         if not any(_same(r.get(column), v) for r in rows for v in wanted):
+            seen = sorted({_cell(r.get(column)) for r in rows if column in r})
             raise StatsError(
                 f"--where {column}={','.join(wanted)}: no row has that value (values: {', '.join(seen)})"
             )
