@@ -107,14 +107,40 @@ def _problem(seed: int = 0):
 SHARDS = {"equal": [15, 15], "unequal": [11, 19]}
 
 
+class _Wire:
+    """Bytes this rank sends, counted at torch.distributed itself (ring algorithms: an all-reduce
+    sends 2 (W - 1) / W of its tensor, an all-gather (W - 1) / W of its result): an account of
+    the collectives independent of geodistill's own bookkeeping."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.bytes = 0.0
+        self._reduce, self._gather = dist.all_reduce, dist.all_gather
+
+        def all_reduce(t, *a, **k):
+            self.bytes += 2 * (WORLD - 1) / WORLD * t.numel() * t.element_size()
+            return self._reduce(t, *a, **k)
+
+        def all_gather(parts, t, *a, **k):
+            self.bytes += (WORLD - 1) / WORLD * sum(p.numel() * p.element_size() for p in parts)
+            return self._gather(parts, t, *a, **k)
+
+        dist.all_reduce, dist.all_gather = all_reduce, all_gather
+
+
 def _global_loss_worker(rank: int, out: str) -> None:
     import torch.distributed as dist
 
-    from geodistill.distributed import global_distance
+    from geodistill.config import LossConfig
+    from geodistill.distributed import TRAFFIC, global_distance
+    from geodistill.losses import resolve_losses
+    from geodistill.train import Objective
 
     dist.init_process_group("gloo")
     inputs, teacher, model = _problem()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
+    wire = _Wire()
     results = {}
     for shards_name, sizes in SHARDS.items():
         lo = sum(sizes[:rank])
@@ -123,11 +149,28 @@ def _global_loss_worker(rank: int, out: str) -> None:
             for route in ("gather", "stats"):
                 ddp.zero_grad()
                 feats = ddp(x_in)
+                wire_before, traffic_before, plans = wire.bytes, TRAFFIC.bytes, []
                 # a per-example term too, to check the mix: mean over the rank's rows (DDP averages)
-                loss = global_distance(kind, feats, y, route=route) + 0.1 * feats.square().mean()
+                loss = global_distance(kind, feats, y, route=route, on_plan=plans.append)
+                loss = loss + 0.1 * feats.square().mean()
                 loss.backward()
                 results[f"{shards_name}/{kind}/{route}"] = {
                     "loss": float(loss),
+                    "grad": [p.grad.tolist() for p in model.parameters()],
+                    "sent": [wire.bytes - wire_before, TRAFFIC.bytes - traffic_before, plans[0].bytes],
+                    "route": plans[0].route,
+                }
+            # scope through the trainer's Objective: global = the distance above; local = this
+            # rank's shard alone (DDP then averages the shards' gradients)
+            for scope in ("global", "local"):
+                (term,) = resolve_losses([LossConfig(name=kind, scope=scope)])
+                objective = Objective((term,), {term.key: ((0, 0),)})
+                ddp.zero_grad()
+                feats = ddp(x_in)
+                loss = objective._coupled(term, feats, y, "test")
+                loss.backward()
+                results[f"{shards_name}/{kind}/scope-{scope}"] = {
+                    "loss": float(loss.detach()),
                     "grad": [p.grad.tolist() for p in model.parameters()],
                 }
     if rank == 0:
@@ -144,7 +187,14 @@ def test_global_losses_and_gradients_equal_one_process(tmp_path: Path) -> None:
     got = json.loads(out.read_text())
     inputs, teacher, model = _problem()
     for key, value in got.items():
-        shards_name, kind, _ = key.split("/")
+        shards_name, kind, route = key.split("/")
+        if route.startswith("scope-"):
+            continue
+        # bytes: geodistill's count equals the count at torch.distributed, and the plan's estimate
+        # (float64 here: no float32 refinement round)
+        wire, counted, planned = value["sent"]
+        assert wire > 0 and abs(counted - wire) < 1e-6 and abs(planned - wire) < 1e-6, (key, value)
+        assert value["route"] == route
         model.zero_grad()
         feats = model(inputs)
         f = {"procrustes": procrustes_distance, "gram": gram_distance, "cka": cka_distance}[kind]
@@ -160,14 +210,46 @@ def test_global_losses_and_gradients_equal_one_process(tmp_path: Path) -> None:
         expected = float(loss.detach()) + 0.1 * float(feats[: sizes[0]].detach().square().mean())
         assert abs(value["loss"] - expected) < 1e-10, key
 
+    # scope: global through the Objective is the global distance; local is per shard, and differs
+    for shards_name, sizes in SHARDS.items():
+        for kind in ("procrustes", "gram", "cka"):
+            f = {"procrustes": procrustes_distance, "gram": gram_distance, "cka": cka_distance}[kind]
+            bounds = [(sum(sizes[:r]), sum(sizes[: r + 1])) for r in range(WORLD)]
+            for scope in ("global", "local"):
+                value = got[f"{shards_name}/{kind}/scope-{scope}"]
+                model.zero_grad()
+                feats = model(inputs)
+                if scope == "global":
+                    loss, rank0 = f(feats, teacher), f(feats, teacher)
+                else:  # DDP averages the ranks' gradients of their own shard's distance
+                    parts = [f(feats[a:b], teacher[a:b]) for a, b in bounds]
+                    loss, rank0 = sum(parts) / WORLD, parts[0]
+                loss.backward()
+                assert abs(value["loss"] - float(rank0.detach())) < 1e-10, (shards_name, kind, scope)
+                for p, g in zip(model.parameters(), value["grad"], strict=True):
+                    assert torch.allclose(p.grad, torch.tensor(g, dtype=torch.float64), atol=1e-10, rtol=0)
+            local, glob = (got[f"{shards_name}/{kind}/scope-{s}"]["loss"] for s in ("local", "global"))
+            assert abs(local - glob) > 1e-3, (shards_name, kind)  # the scopes are different objectives
+
 
 def test_plan_picks_the_cheaper_route() -> None:
     from geodistill.distributed import plan
 
     assert plan("procrustes", 64, 768, 2048).route == "gather"  # few rows: gather them
     assert plan("procrustes", 16384, 768, 2048).route == "stats"  # many rows: d x d statistics
+    # 2 ranks, float32: an all-reduce sends its tensor once a rank (2 (W-1)/W), an all-gather half
+    # its result; the backward all-reduces the student's statistics; both count the row counts (8 B)
     p = plan("gram", 4096, 384, 384)
-    assert p.route == "stats" and p.values == 384 + 384 + 2 + 3 * 384 * 384 and p.bytes == 4 * p.values
+    assert p.route == "stats"
+    assert p.forward_bytes == 8 + 4 * (384 + 384 + 2 + 3 * 384 * 384)
+    assert p.backward_bytes == 4 * (384 + 1 + 2 * 384 * 384)
+    g = plan("procrustes", 100, 8, 16, route="gather", world=4, max_rows=30)
+    assert g.forward_bytes == 3 / 4 * (4 * 8) + 3 / 4 * (4 * 30 * 24 * 4)
+    assert g.backward_bytes == 2 * 3 / 4 * (4 * 30 * 8 * 4)
+    # auto takes the route with fewer bytes, forward and backward together
+    for n in (64, 512, 4096, 32768):
+        a, b = (plan("procrustes", n, 256, 256, route=r) for r in ("gather", "stats"))
+        assert plan("procrustes", n, 256, 256).route == ("gather" if a.bytes <= b.bytes else "stats")
     with pytest.raises(ValueError, match="route"):
         plan("gram", 10, 2, 2, route="scatter")
 
@@ -191,14 +273,41 @@ def _train_worker(rank: int, cfg_dict: dict, out: str, crash_at: int | None) -> 
         if state["step"] == crash_at:
             raise Interrupt
 
+    saves, real_save = [], torch.save  # who writes checkpoints: counted on every rank
+
+    def counting_save(obj, f, *a, **k):
+        if isinstance(f, (str, os.PathLike)):  # files (gathering objects pickles to memory too)
+            saves.append(str(f))
+        return real_save(obj, f, *a, **k)
+
+    torch.save = counting_save
     try:
         results = train(r, progress=False, callbacks=[crash] if crash_at else None)
+        torch.save = real_save
         if rank == 0:
             torch.save({"weights": r.student.state_dict(), "results": results}, out)
     except Interrupt:
         pass
+    finally:
+        torch.save = real_save
+    Path(f"{out}.rank{rank}.json").write_text(json.dumps({"saves": saves, **_shard_sizes(r)}))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def _shard_sizes(r) -> dict:
+    """Elements this rank holds of the student's and teacher's parameters, and their full sizes."""
+    from torch.distributed.tensor import DTensor
+
+    sizes = {}
+    for name, module in (("student", r.student.model), ("teacher", r.teacher)):
+        params = list(module.parameters()) if module is not None else []
+        sizes[name] = {
+            "local": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params),
+            "full": sum(p.numel() for p in params),
+            "dtensors": sum(isinstance(p, DTensor) for p in params),
+        }
+    return sizes
 
 
 def _to_float64(r) -> None:
@@ -221,15 +330,25 @@ def _single_process(cfg) -> dict:
     return r.student.state_dict()
 
 
-def test_two_ranks_batch_b_equal_one_rank_batch_2b(assets, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param([], id="plain"),
+        pytest.param(["train.grad_accum=2"], id="accumulation"),
+        pytest.param(["train.group_by_length=true"], id="length-groups"),
+    ],
+)
+def test_two_ranks_batch_b_equal_one_rank_batch_2b(assets, tmp_path: Path, variant: list[str]) -> None:
     from geodistill.config import to_dict
 
-    common = [f"losses={LOSSES}", "train.max_steps=4", "train.eval_every=2", "train.log_every=1"]
+    common = [f"losses={LOSSES}", "train.max_steps=4", "train.eval_every=2", "train.log_every=1", *variant]
     ddp_cfg = make_cfg(assets, tmp_path / "ddp", *common, "train.batch_size=4")
     _launch(_train_worker, to_dict(ddp_cfg), str(tmp_path / "ddp.pt"), None)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=False)
     assert ddp["results"]["world_size"] == 2
-    assert any("stats" in v or "gather" in v for v in ddp["results"]["collectives"].values())
+    routes = ddp["results"]["collectives"]
+    assert routes and all(v.startswith(("stats: ", "gather: ")) for v in routes.values()), routes
+    assert ddp["results"]["comm_mib_per_step"] > 0
 
     single = _single_process(make_cfg(assets, tmp_path / "one", *common, "train.batch_size=8"))
     worst = max((ddp["weights"][k] - single[k]).abs().max().item() for k in single)
@@ -238,14 +357,16 @@ def test_two_ranks_batch_b_equal_one_rank_batch_2b(assets, tmp_path: Path) -> No
     assert max((single[k] - init[k]).abs().max().item() for k in single) > 1e-3  # the steps did move
 
     # logs and checkpoints are written once, by the main process
-    steps = [
-        json.loads(x)["step"]
-        for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()
-        if "loss/" in x
-    ]
-    assert steps == [1, 2, 3, 4]
+    rows = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines() if "loss/" in x]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert all(row["comm_mib_per_step"] > 0 for row in rows)  # bytes sent by the global terms
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoint").iterdir()) == ["state.pt"]
     assert len(torch.load(tmp_path / "ddp" / "checkpoint" / "state.pt", weights_only=False)["rng"]) == 2
+    saves = [
+        json.loads(Path(f"{tmp_path / 'ddp.pt'}.rank{r}.json").read_text())["saves"] for r in range(WORLD)
+    ]
+    assert saves[0] and all("/ddp/checkpoint/state.pt" in f for f in saves[0]), saves[0]
+    assert saves[1] == []  # rank 0 writes every checkpoint, rank 1 none
 
 
 def _initial_weights(cfg) -> dict:
@@ -270,13 +391,27 @@ def test_ddp_run_resumes_bit_identical(assets, tmp_path: Path) -> None:
     b = make_cfg(assets, tmp_path / "b", *common, teacher="teacher_dropout")
     _launch(_train_worker, to_dict(b), str(tmp_path / "b.pt"), 3)  # dies after step 3
     assert not (tmp_path / "b.pt").exists()
+    # one process cannot take over a 2-process run's place in the data: a clear error, not a
+    # silently different run
+    from geodistill.config import ConfigError
+    from geodistill.train import setup, train
+
+    with pytest.raises(
+        ConfigError, match=r"written by a run of 2 process\(es\); resume it with 2 \(this launch has 1\)"
+    ):
+        train(setup(b, progress=False), progress=False)
     _launch(_train_worker, to_dict(b), str(tmp_path / "b.pt"), None)  # resumes from step 2
     wa = torch.load(tmp_path / "a.pt", weights_only=False)["weights"]
     wb = torch.load(tmp_path / "b.pt", weights_only=False)["weights"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_fsdp_with_sharded_teacher_equals_one_process(assets, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "teacher_sharded", [True, False], ids=["sharded-teacher", "replicated-teacher-resumed"]
+)
+def test_fsdp_equals_one_process(assets, tmp_path: Path, teacher_sharded: bool) -> None:
+    """FSDP2 over 2 ranks x batch 2 equals one process x batch 4: with the frozen teacher sharded
+    too, and with it replicated on every rank in a run that dies after step 2 and resumes."""
     from transformers import AutoModelForSequenceClassification
 
     from geodistill.config import to_dict
@@ -285,22 +420,54 @@ def test_fsdp_with_sharded_teacher_equals_one_process(assets, tmp_path: Path) ->
         f"losses={LOSSES}",
         "train.max_steps=3",
         "train.eval_every=3",
+        "train.save_every=1",
         "train.cache_teacher=false",
         "train.grad_accum=2",
     ]
     fsdp_cfg = make_cfg(
-        assets, tmp_path / "fsdp", *common, "train.batch_size=2", "train.parallel=fsdp", "teacher.shard=true"
+        assets,
+        tmp_path / "fsdp",
+        *common,
+        "train.batch_size=2",
+        "train.parallel=fsdp",
+        f"teacher.shard={str(teacher_sharded).lower()}",
     )
+    if not teacher_sharded:
+        _launch(_train_worker, to_dict(fsdp_cfg), str(tmp_path / "fsdp.pt"), 2)  # dies after step 2
+        assert not (tmp_path / "fsdp.pt").exists()
     _launch(_train_worker, to_dict(fsdp_cfg), str(tmp_path / "fsdp.pt"), None)
     fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=False)
+    # the ranks' shards of the student (and of a sharded teacher) add up to it, none holds it all
+    held = [json.loads(Path(f"{tmp_path / 'fsdp.pt'}.rank{r}.json").read_text()) for r in range(WORLD)]
+    for name in ("student", "teacher") if teacher_sharded else ("student",):
+        parts = [h[name] for h in held]
+        assert all(p["dtensors"] > 0 for p in parts), parts
+        assert sum(p["local"] for p in parts) == parts[0]["full"], parts
+        assert max(p["local"] for p in parts) < 0.7 * parts[0]["full"], parts
+    for h in held:
+        teacher = h["teacher"]
+        if not teacher_sharded:
+            assert teacher["dtensors"] == 0 and teacher["local"] == teacher["full"], held
     single = _single_process(make_cfg(assets, tmp_path / "one", *common, "train.batch_size=4"))
     # the FSDP module's own state_dict holds shards: compare the saved full checkpoint instead
     full = torch.load(tmp_path / "fsdp" / "checkpoint" / "state.pt", weights_only=False)["student"]
+    assert (
+        torch.load(tmp_path / "fsdp" / "checkpoint" / "state.pt", weights_only=False)["progress"]["step"] == 3
+    )
     worst = max((full[k].double() - single[k]).abs().max().item() for k in single)
     assert worst < 1e-9, worst
     # the best student is saved whole and loads with plain transformers
     model = AutoModelForSequenceClassification.from_pretrained(fsdp["results"]["student_dir"])
     assert model.config.num_hidden_layers == 2
+
+
+def test_sharding_a_cached_teacher_is_an_error(assets, tmp_path: Path) -> None:
+    from geodistill.config import ConfigError
+    from geodistill.train import setup
+
+    cfg = make_cfg(assets, tmp_path / "run", "train.parallel=fsdp", "teacher.shard=true")
+    with pytest.raises(ConfigError, match=r"teacher.shard: .*train.cache_teacher=false"):
+        setup(cfg, progress=False)
 
 
 def _sweep_worker(rank: int, data: dict, out: str) -> None:
@@ -354,13 +521,76 @@ def _launcher_env() -> dict:
     return env
 
 
+def _launcher_command(launcher: str) -> list[str]:
+    import sys
+
+    port = str(_free_port())
+    bindir = Path(sys.executable).parent
+    if launcher == "torchrun":
+        return [str(bindir / "torchrun"), "--nproc-per-node", "2", "--master-port", port]
+    return [
+        str(bindir / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        port,
+    ]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_real_launchers_run_a_sweep_on_two_processes(assets, tmp_path: Path, launcher: str) -> None:
+    """`geodistill sweep` under each launcher: every run across both ranks, each row written
+    once, by rank 0, and a second launch finds everything done."""
+    import subprocess
+
+    import yaml
+
+    from geodistill.config import to_dict
+    from geodistill.experiments import read_rows
+
+    base = to_dict(make_cfg(assets, tmp_path / "unused", "train.max_steps=2", "train.eval_every=2"))
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "launched",
+                "base": base,
+                "methods": {
+                    "kd": {"losses": [{"name": "kd", "temperature": 2.0}]},
+                    "kd+gram": {"losses": [{"name": "kd", "temperature": 2.0}, {"name": "gram"}]},
+                },
+                "grid": {"seed": [0]},
+                "output_dir": str(tmp_path / "sweep"),
+            }
+        )
+    )
+    cmd = [*_launcher_command(launcher), "-m", "geodistill.cli", "sweep", str(sweep_file), "--quiet"]
+    done = subprocess.run(cmd, env=_launcher_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_rows(tmp_path / "sweep" / "results.jsonl")
+    assert sorted(r["method"] for r in rows) == ["kd", "kd+gram"]  # once each
+    assert all(r["status"] == "ok" and r["world_size"] == 2 for r in rows)
+    if launcher == "torchrun":  # resumes: nothing left to run, nothing written again
+        again = subprocess.run(cmd, env=_launcher_env(), capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "2 already finished, 0 to do" in again.stdout, again.stdout
+        assert len(read_rows(tmp_path / "sweep" / "results.jsonl")) == 2
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_real_launchers_run_distill_on_two_processes(assets, tmp_path: Path, launcher: str) -> None:
     """`torchrun --nproc-per-node 2` and `accelerate launch --multi_gpu --num_processes 2` (which
     goes through torchrun's launcher; gloo on a CPU) run `geodistill distill` with 2 ranks, and the
     run equals the 1-rank run on the doubled batch."""
     import subprocess
-    import sys
 
     import yaml
 
@@ -370,27 +600,7 @@ def test_real_launchers_run_distill_on_two_processes(assets, tmp_path: Path, lau
     cfg = make_cfg(assets, tmp_path / "ddp", *common, "train.batch_size=4")
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(to_dict(cfg)))
-    port = str(_free_port())
-    bindir = Path(sys.executable).parent
-    if launcher == "torchrun":
-        cmd = [str(bindir / "torchrun"), "--nproc-per-node", "2", "--master-port", port]
-    else:
-        cmd = [
-            str(bindir / "accelerate"),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            port,
-        ]
-    cmd += ["-m", "geodistill.cli", "distill", str(config_file), "--quiet"]
+    cmd = [*_launcher_command(launcher), "-m", "geodistill.cli", "distill", str(config_file), "--quiet"]
     done = subprocess.run(cmd, env=_launcher_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -394,15 +394,23 @@ def test_length_grouped_batches() -> None:
     plain = sum(8 * max(lengths[i] for i in order[j : j + 8]) for j in range(0, 1000, 8))
     real = sum(lengths)
     assert padded - real < 0.25 * (plain - real)  # most of the padding is gone
-    # through the sampler: epochs differ, and two ranks split one process's batches
-    one = ShardedBatches(EpochSampler(1000, 5), 8, lengths=lengths)
+    # through the sampler: epochs differ, and two ranks x batch 8 split one process's batches of 16
+    # (the groups are formed at the global batch size), the last, short one (1000 = 62 x 16 + 8) too
+    one = ShardedBatches(EpochSampler(1000, 5), 16, lengths=lengths)
     ranks = [ShardedBatches(EpochSampler(1000, 5), 8, r, 2, lengths=lengths) for r in (0, 1)]
+    firsts = []
     for epoch in (0, 1):
         for s in (one, *ranks):
             s.set_epoch(epoch)
         single, r0, r1 = list(one), list(ranks[0]), list(ranks[1])
-        usable = len(single) // 2 * 2  # 125 batches: the odd one out is dropped under 2 ranks
-        assert single[0:usable:2] == r0 and single[1:usable:2] == r1
+        assert len(single) == len(one) == 63 and len(r0) == len(ranks[0]) == len(r1) == 63
+        assert [a + b for a, b in zip(r0, r1, strict=True)] == single
+        assert sorted(len(b) for b in r0 + r1)[:2] == [4, 4]  # the short batch, halved
+        firsts.append(single[0])
+    assert firsts[0] != firsts[1]
+    # 3 ranks: a global batch that cannot give each rank an example is dropped, and len() says so
+    three = [ShardedBatches(EpochSampler(50, 1), 8, r, 3, lengths=lengths[:50]) for r in range(3)]
+    assert all(len(list(s)) == len(s) == 2 for s in three)  # 50 = 2 x 24 + 2: the 2 are dropped
 
 
 def test_group_by_length_trains_and_resumes(assets, tmp_path) -> None:

@@ -5,13 +5,22 @@ computed on each rank's shard ("local" scope, what other distillation tools do) 
 with the number of processes. With ``scope: global`` (the default) every rank computes the
 distance of the *global* batch, and gradients flow back to every rank's features.
 
-Two exact routes, chosen per call by the bytes they move (forward; the backward moves the same):
+Two exact routes, chosen per call by the bytes they move, forward and backward together:
 
-* ``gather``: all-gather the rows of both feature matrices (``N (d_s + d_t)`` values for ``N``
-  global rows), then the single-process distance on the concatenation;
+* ``gather``: all-gather the rows of both feature matrices (``m (d_s + d_t)`` values a rank for
+  ``m`` rows on the largest shard), then the single-process distance on the concatenation; the
+  backward all-reduces the gradient of the gathered student rows (``W m d_s`` values);
 * ``stats``: all-reduce the d x d sufficient statistics instead (column sums, squared norms and
   ``X^T Y`` for Procrustes, plus ``X^T X`` and ``Y^T Y`` for Gram and CKA) after centring on the
-  global mean: ``d_s + d_t + 2 + d_s d_t`` values (Procrustes) or ``... + d_s^2 + d_t^2``.
+  global mean: ``d_s + d_t + 2 + d_s d_t`` values (Procrustes) or ``... + d_s^2 + d_t^2``; the
+  backward all-reduces the gradients of the student's statistics (``d_s + 1 + d_s d_t``, plus
+  ``d_s^2`` for Gram; CKA's ``d_s + d_s d_t + d_s^2``).
+
+Bytes are counted as a ring implementation sends them from each rank: ``2 (W - 1) / W`` times an
+all-reduced tensor, ``(W - 1) / W`` times an all-gather's result. :func:`plan` estimates them to
+choose the route; :data:`TRAFFIC` counts what every collective of this module really sent, which
+is more than the plan when a float32 distance falls below 5 % of its range and is recomputed in
+float64 (a second, float64 round of statistics; see :mod:`geodistill.geometry`).
 
 Gradient scaling: the collectives' backward sums the identical upstream gradient of every rank,
 so each rank's feature gradient is ``world_size`` times its share of the single-process gradient;
@@ -30,7 +39,7 @@ from torch import Tensor
 
 from geodistill import geometry
 
-__all__ = ["CollectivePlan", "global_distance", "is_distributed", "plan", "world_size"]
+__all__ = ["TRAFFIC", "CollectivePlan", "Traffic", "global_distance", "is_distributed", "plan", "world_size"]
 
 KINDS = ("procrustes", "gram", "cka")
 
@@ -48,30 +57,88 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if is_distributed() else 1
 
 
+def _ring_bytes(op: str, nbytes: float, world: int) -> float:
+    """Bytes one rank sends for a collective under a ring algorithm: ``nbytes`` is the all-reduced
+    tensor's size, or the size of an all-gather's whole result."""
+    return (2.0 if op == "all_reduce" else 1.0) * (world - 1) / world * nbytes
+
+
+class Traffic:
+    """Bytes this process has sent in the global losses' collectives (forward and backward), as
+    :func:`_ring_bytes` counts them. The trainer reads the difference over each step."""
+
+    def __init__(self) -> None:
+        self.bytes = 0.0
+        self.calls = 0
+
+    def add(self, op: str, t: Tensor) -> None:
+        self.bytes += _ring_bytes(op, t.numel() * t.element_size(), world_size())
+        self.calls += 1
+
+
+#: every collective of this module is counted here
+TRAFFIC = Traffic()
+
+
 @dataclass(frozen=True)
 class CollectivePlan:
-    """Which route a global distance takes and what it moves per call (forward pass)."""
+    """Which route a global distance takes and the bytes a rank sends for it per call."""
 
     route: str  # "gather" or "stats"
-    values: int  # floats moved per rank in the forward collectives
-    bytes: int
+    forward_bytes: float
+    backward_bytes: float  # with gradients for the student's features (x), none for the teacher's
+
+    @property
+    def bytes(self) -> float:
+        return self.forward_bytes + self.backward_bytes
 
     def describe(self) -> str:
-        return f"{self.route}: {self.values:,} values ({self.bytes / 2**20:.2f} MiB) per step and layer pair, forward"
+        return (
+            f"{self.route}: {self.bytes / 2**20:.3g} MiB sent a rank per step and layer pair "
+            f"({self.forward_bytes / 2**20:.3g} forward, {self.backward_bytes / 2**20:.3g} backward)"
+        )
 
 
 def plan(
-    kind: str, n_global: int, d_s: int, d_t: int, element_size: int = 4, route: str = "auto"
+    kind: str,
+    n_global: int,
+    d_s: int,
+    d_t: int,
+    element_size: int = 4,
+    route: str = "auto",
+    *,
+    world: int = 2,
+    max_rows: int | None = None,
 ) -> CollectivePlan:
-    """The route for a distance of ``kind`` over ``n_global`` rows (``auto``: the one moving fewer values)."""
-    gather = n_global * (d_s + d_t)
-    stats = d_s + d_t + 2 + d_s * d_t + (0 if kind == "procrustes" else d_s * d_s + d_t * d_t)
-    if route == "auto":
-        route = "stats" if stats < gather else "gather"
-    elif route not in ("gather", "stats"):
+    """The route for a distance of ``kind`` over ``n_global`` rows split over ``world`` ranks
+    (``max_rows`` on the largest shard; default an even split); ``auto`` takes the one sending
+    fewer bytes, forward and backward together. Both include the row-count exchange."""
+    if route not in ("auto", "gather", "stats"):
         raise ValueError(f"route must be 'auto', 'gather' or 'stats', got {route!r}")
-    values = stats if route == "stats" else gather
-    return CollectivePlan(route, values, values * element_size)
+    m = max_rows if max_rows is not None else -(-n_global // world)
+    counts = _ring_bytes("all_gather", 8 * world, world)  # the int64 row counts
+    squares = 0 if kind == "procrustes" else 1
+    routes = {
+        "gather": (
+            counts + _ring_bytes("all_gather", world * m * (d_s + d_t) * element_size, world),
+            _ring_bytes("all_reduce", world * m * d_s * element_size, world),
+        ),
+        "stats": (
+            counts
+            + _ring_bytes(
+                "all_reduce",
+                (d_s + d_t + 2 + d_s * d_t + squares * (d_s * d_s + d_t * d_t)) * element_size,
+                world,
+            ),
+            # CKA normalises by the products, not by the norms: no gradient reaches the norm
+            _ring_bytes(
+                "all_reduce", (d_s + (kind != "cka") + d_s * d_t + squares * d_s * d_s) * element_size, world
+            ),
+        ),
+    }
+    if route == "auto":
+        route = min(routes, key=lambda r: sum(routes[r]))
+    return CollectivePlan(route, *routes[route])
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -80,12 +147,14 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: Tensor) -> Tensor:
         out = t.clone()
+        TRAFFIC.add("all_reduce", out)
         torch.distributed.all_reduce(out)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor) -> Tensor:
         g = g.clone()
+        TRAFFIC.add("all_reduce", g)
         torch.distributed.all_reduce(g)
         return g
 
@@ -96,6 +165,7 @@ def _all_reduce(t: Tensor) -> Tensor:
 
 def _row_counts(n_local: int, device: torch.device) -> list[int]:
     counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    TRAFFIC.add("all_gather", torch.empty(world_size(), dtype=torch.long, device="meta"))
     torch.distributed.all_gather(counts, torch.tensor([n_local], device=device))
     return [int(c) for c in counts]
 
@@ -106,12 +176,14 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: Tensor) -> Tensor:
         parts = [torch.empty_like(t) for _ in range(world_size())]
+        TRAFFIC.add("all_gather", torch.empty((world_size(), *t.shape), dtype=t.dtype, device="meta"))
         torch.distributed.all_gather(parts, t.contiguous())
         return torch.stack(parts)
 
     @staticmethod
     def backward(ctx, g: Tensor) -> Tensor:
         g = g.contiguous().clone()
+        TRAFFIC.add("all_reduce", g)
         torch.distributed.all_reduce(g)  # gloo has no reduce-scatter; the sum of every rank's gradient
         return g[torch.distributed.get_rank()]
 
@@ -136,7 +208,8 @@ def global_distance(
 
     ``x`` (n_r, d_s), ``y`` (n_r, d_t): this rank's rows (matched). Every rank gets the same value.
     Falls back to the single-process distance outside a process group. ``route``: ``auto``
-    (fewer bytes), ``gather`` or ``stats``; ``on_plan`` receives the chosen :class:`CollectivePlan`.
+    (fewer bytes), ``gather`` or ``stats``; ``on_plan`` receives the chosen :class:`CollectivePlan`
+    (what is really sent, refinement included, is counted in :data:`TRAFFIC`).
     """
     if kind not in KINDS:
         raise ValueError(f"global_distance: kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -156,7 +229,9 @@ def global_distance(
     n = sum(counts)
     if n < 2:
         raise ValueError(f"the global batch has {n} row(s); at least 2 are needed to centre")
-    chosen = plan(kind, n, x.shape[1], y.shape[1], x.element_size(), route)
+    chosen = plan(
+        kind, n, x.shape[1], y.shape[1], x.element_size(), route, world=len(counts), max_rows=max(counts)
+    )
     if on_plan is not None:
         on_plan(chosen)
     if chosen.route == "gather":

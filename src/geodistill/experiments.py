@@ -642,6 +642,8 @@ def run_sweep(
     Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) every process walks the same
     plan and each run is one data-parallel run across all of them, in this process; only rank 0
     writes rows, logs and shows progress, and the list of finished runs is rank 0's, broadcast.
+    A failed run stops the sweep there (its row recorded by rank 0 when rank 0 saw the failure):
+    the other ranks could be waiting in one of its collectives.
     """
     (summary,) = run_sweeps(
         [sweep], quick=quick, jobs=jobs, runner=runner, in_process=in_process, progress=progress, log=log
@@ -785,6 +787,14 @@ def run_sweeps(
                 else:
                     outcome = ("ok", results, time.perf_counter() - start, None)
                 record(run, outcome)
+                if launched and outcome[0] != "ok":
+                    # a run that failed on some ranks may have left the others waiting in a
+                    # collective: stop here (the launcher ends every rank); rerunning resumes
+                    raise RuntimeError(
+                        f"run {run.run_id} failed on rank {os.environ.get('RANK', '0')}: {outcome[1]}; "
+                        "the sweep stops (under a launcher every rank takes part in every run); "
+                        "rerun it to go on from here"
+                    )
         else:
             _run_processes(todo, runner, jobs, record)
     finally:

@@ -5,8 +5,9 @@ whole model. ``fsdp``: PyTorch's FSDP2 (``fully_shard``) shards every transforme
 rest of the model across ranks, for students (and, with ``teacher.shard``, frozen teachers) that do
 not fit one device; it works with gloo on CPUs as with NCCL on GPUs. Both average gradients over
 ranks, so the global-batch losses of :mod:`geodistill.distributed` mean the same under either.
-State dicts are gathered in full (on CPU) for checkpoints and the saved student, so a run can
-resume with another number of processes' worth of shards and the student loads anywhere.
+State dicts are gathered in full (on CPU) for checkpoints and the saved student, so the student
+loads anywhere; a run resumes with the number of processes that wrote its checkpoint (each rank's
+place in the data and dropout stream are its own).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Parallel:
         from torch.distributed.fsdp import fully_shard
 
         for head in student.projectors.values():  # a ModuleDict has no forward of its own to hook
-            fully_shard(head.to(self.acc.device))
+            fully_shard(head, mesh=_mesh(self.acc.device))
         return student, optimizer_factory(student)
 
     def unwrap(self, student: nn.Module) -> nn.Module:
@@ -119,13 +120,24 @@ class Parallel:
 
 
 def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """FSDP2: one shard group per transformer layer, then the rest (embeddings, head) at the root."""
+    """FSDP2: one shard group per transformer layer, then the rest (embeddings, head) at the root.
+
+    The model stays where it was loaded (host memory) until sharded: ``fully_shard`` moves one
+    layer at a time to ``device`` and keeps only this rank's shard there, so the whole model is
+    never on one device (a model that does not fit one device must not be moved there first)."""
     from torch.distributed.fsdp import fully_shard
 
     from geodistill.models import transformer_layers
 
-    model.to(device)
+    mesh = _mesh(device)
     for layer in transformer_layers(model):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
+
+
+def _mesh(device: torch.device):
+    """A 1-D mesh of every process on ``device``'s kind (gloo CPUs or NCCL GPUs)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (torch.distributed.get_world_size(),))

@@ -44,7 +44,7 @@ from geodistill.config import (
     identity_hash,
     to_dict,
 )
-from geodistill.distributed import global_distance, is_distributed
+from geodistill.distributed import TRAFFIC, global_distance, is_distributed
 from geodistill.features import resolve_layer_pairs
 from geodistill.geometry import polar_method
 from geodistill.losses import LossTerm, _up, resolve_losses
@@ -125,7 +125,8 @@ class Objective:
 
     terms: tuple[LossTerm, ...]
     pairs: dict[str, tuple[tuple[int, int], ...]]
-    collectives: dict[str, str] = field(default_factory=dict)  # global terms: route and bytes moved
+    # global terms: label -> {route: its plan, described}, every route a label took (token rows vary)
+    collectives: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def needs_teacher(self) -> bool:
@@ -189,7 +190,7 @@ class Objective:
                 x,
                 y,
                 angular=bool(term.options.get("angular", False)),
-                on_plan=lambda p: self.collectives.setdefault(label, p.describe()),
+                on_plan=lambda p: self.collectives.setdefault(label, {}).setdefault(p.route, p.describe()),
             )
         return term(x, y)
 
@@ -231,6 +232,8 @@ class ShardedBatches(Sampler[list[int]]):
     order, so one step of ``world`` ranks x batch ``b`` sees exactly the examples of one
     single-process step with batch ``world x b``. Trailing batches that cannot go to every rank
     are dropped (every rank must take the same number of steps); with one process nothing is.
+    Length-grouped batches (``lengths``) are formed at the global batch size ``world x b`` and
+    each dealt to the ranks in near-equal parts, for the same equality.
     """
 
     def __init__(
@@ -251,7 +254,17 @@ class ShardedBatches(Sampler[list[int]]):
         order = list(self.sampler)
         if self.lengths is None:
             return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        return length_grouped(order, self.lengths, self.batch_size, self.sampler.seed, self.sampler.epoch)
+        steps = length_grouped(
+            order, self.lengths, self.batch_size * self.world, self.sampler.seed, self.sampler.epoch
+        )
+        if self.world == 1:
+            return steps
+        return [
+            part.tolist()
+            for step in steps
+            if len(step) >= self.world  # a last batch too small to give every rank an example
+            for part in np.array_split(np.asarray(step), self.world)
+        ]
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._all()
@@ -259,7 +272,10 @@ class ShardedBatches(Sampler[list[int]]):
         return iter(batches[self.rank : usable : self.world])
 
     def __len__(self) -> int:
-        return math.ceil(self.sampler.n / self.batch_size) // self.world
+        if self.lengths is None or self.world == 1:
+            return math.ceil(self.sampler.n / self.batch_size) // self.world
+        full, rest = divmod(self.sampler.n, self.batch_size * self.world)
+        return full + (rest >= self.world)
 
 
 #: examples per length-sorted group, in batches (as transformers' LengthGroupedSampler)
@@ -453,6 +469,12 @@ def setup(
 
         return setup_instruction(cfg, terms, kind=kind, progress=progress, teacher_override=teacher_override)
     tcfg = cfg.train
+    if cfg.teacher.shard and tcfg.cache_teacher:
+        raise ConfigError(
+            "teacher.shard: a classification teacher's outputs are cached (train.cache_teacher: true), computed "
+            "once by the main process, so no teacher runs in training to shard; set train.cache_teacher=false "
+            "to run it live, sharded across processes"
+        )
     data = load_classification(
         cfg.data.name,
         split_seed=cfg.data.split_seed,
@@ -731,8 +753,9 @@ def _train(
     scheduler = _schedule(getattr(optimizer, "optimizer", optimizer), cfg, total_steps)
     raw = par.unwrap(student)
     teacher = run.teacher
+    sharded_teacher = teacher is not None and run.teacher_cache is None and par.fsdp and run.cfg.teacher.shard
     if teacher is not None and run.teacher_cache is None:
-        teacher = shard_model(teacher, device) if par.fsdp and run.cfg.teacher.shard else teacher.to(device)
+        teacher = shard_model(teacher, device) if sharded_teacher else teacher.to(device)
     objective = run.objective
 
     # resume
@@ -748,12 +771,20 @@ def _train(
     ckpt = out / RESUME_DIR / "state.pt"
     if ckpt.exists():
         blob = torch.load(ckpt, map_location="cpu", weights_only=False)
+        written_by = len(blob["rng"]) if isinstance(blob["rng"], list) else 1  # one RNG state a rank
+        if written_by != acc.num_processes:
+            # each rank's place in the data and its dropout stream are per rank: with another
+            # number of processes the run would continue on other examples than it would have
+            raise ConfigError(
+                f"output_dir: {ckpt} was written by a run of {written_by} process(es); resume it with "
+                f"{written_by} (this launch has {acc.num_processes}), or give a new output_dir"
+            )
         par.load_model_state(raw, blob["student"])
         par.load_optimizer_state(raw, optimizer, blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         state = blob["progress"]
         rngs = blob["rng"] if isinstance(blob["rng"], list) else [blob["rng"]]
-        _set_rng_state(rngs[acc.process_index] if len(rngs) == acc.num_processes else rngs[0])
+        _set_rng_state(rngs[acc.process_index])
     else:
         seed_everything(cfg.seed + 1)  # the dropout stream: the same for every method with this seed
     acc.wait_for_everyone()  # every rank has read the checkpoint before the main process writes
@@ -772,7 +803,10 @@ def _train(
         if run.teacher_cache is not None:
             return run.teacher_cache.lookup(batch, taps, device)
         with torch.no_grad():
-            return run.task.forward(teacher, batch, taps, teacher=True)
+            out = run.task.forward(teacher, batch, taps, teacher=True)
+        if sharded_teacher:  # FSDP keeps a root's parameters gathered after its forward, for a
+            teacher.reshard()  # backward that a frozen teacher never has: give the memory back
+        return out
 
     bar = None
     if progress and acc.is_main_process:
@@ -781,6 +815,7 @@ def _train(
         bar = tqdm(total=total_steps, initial=state["step"], desc=f"{out.name}", dynamic_ncols=True)
 
     log_terms: dict[str, list[float]] = {}
+    log_comm: list[float] = []  # bytes this rank sent per step in global-loss collectives
     student.train()
     while state["step"] < total_steps:
         batches.set_epoch(state["epoch"])
@@ -796,13 +831,15 @@ def _train(
                     break
             if not group:
                 break
-            t0 = time.perf_counter()
+            t0, sent = time.perf_counter(), TRAFFIC.bytes
             values, grad_norm = _step(
                 acc, par, student, objective, group, teacher_outputs, optimizer, cfg, run.task
             )
             scheduler.step()
             elapsed = time.perf_counter() - t0
             state["step"] += 1
+            state["comm_bytes"] = state.get("comm_bytes", 0.0) + TRAFFIC.bytes - sent
+            log_comm.append(TRAFFIC.bytes - sent)
             if state["step"] > 1:  # the first step pays one-off costs (allocation, warm-up)
                 state["train_seconds"] += elapsed
                 state["timed_steps"] += 1
@@ -829,10 +866,15 @@ def _train(
                         "lr": scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm,
                         "seconds_per_step": elapsed,
+                        **(
+                            {"comm_mib_per_step": float(np.mean(log_comm)) / 2**20}
+                            if run.objective.collectives
+                            else {}
+                        ),
                         **{f"loss/{k}": float(np.mean(v)) for k, v in log_terms.items()},
                     },
                 )
-                log_terms = {}
+                log_terms, log_comm = {}, []
             epoch_end = state["batch_in_epoch"] >= micro_per_epoch
             if (
                 state["step"] % eval_every == 0
@@ -1059,7 +1101,12 @@ def _write_results(
         "peak_memory_mb": _peak_memory_mb(),
         "student_parameters": sum(p.numel() for p in raw.model.parameters()),
         "world_size": acc.num_processes,
-        "collectives": run.objective.collectives,
+        # global-scope geometry terms: the route(s) each layer pair took with its planned bytes,
+        # and the bytes this rank really sent per step (float64 refinement near 0 included)
+        "collectives": {
+            label: "; ".join(routes.values()) for label, routes in run.objective.collectives.items()
+        },
+        "comm_mib_per_step": state.get("comm_bytes", 0.0) / max(1, state["step"]) / 2**20,
     }
     path.write_text(json.dumps(results, indent=2, default=str))
 
