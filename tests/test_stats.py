@@ -26,6 +26,7 @@ from geodistill.stats import (
     paired_power,
     report,
     seeds_for_power,
+    write_report,
 )
 
 AXES = {"treatment": ["method", "alpha"], "setting": ["task"], "replicate": ["seed", "split_seed"]}
@@ -109,7 +110,7 @@ def test_mde_approaches_the_normal_formula_for_many_pairs() -> None:
     z = sps.norm.ppf(0.975) + sps.norm.ppf(0.8)
     assert minimum_detectable_effect(2000, 1.5) == pytest.approx(z * 1.5 / math.sqrt(2000), rel=2e-3)
     assert minimum_detectable_effect(1, 1.0) != minimum_detectable_effect(1, 1.0)  # NaN: no test
-    assert minimum_detectable_effect(10, 0.0) == 0.0
+    assert math.isnan(minimum_detectable_effect(10, 0.0))  # no spread: the t-test is undefined
 
 
 def test_seeds_for_power() -> None:
@@ -118,7 +119,7 @@ def test_seeds_for_power() -> None:
     for sd in (0.3, 1.0, 2.5):
         n = seeds_for_power(sd, 0.5)
         assert paired_power(n, sd, 0.5) >= 0.8 and (n == 2 or paired_power(n - 1, sd, 0.5) < 0.8)
-    assert seeds_for_power(0.0, 0.5) == 2
+    assert seeds_for_power(0.0, 0.5) is None  # a spread never seen says nothing about power
     assert seeds_for_power(100.0, 0.5, max_n=1000) is None
 
 
@@ -159,6 +160,12 @@ def test_known_effects_give_win_tie_and_loss() -> None:
     assert by["kd+gram"].verdict_text().startswith("tie (no detectable difference; MDE = ")
     # paired: the shared seed effect (sd 2 points) does not enter; the MDE reflects the noise only
     assert by["kd+gram"].mde < 0.5
+    # at Holm's strictest level (alpha / 3 here) the same pairs detect less: a larger MDE, more seeds
+    for c in by.values():
+        assert c.mde_holm == pytest.approx(
+            minimum_detectable_effect(c.pairs, c.sd_diff, alpha=0.05 / 3), rel=1e-9
+        )
+        assert c.mde_holm > c.mde * 1.1 and c.seeds_needed_holm > c.seeds_needed
     # the reported p-values are scipy's paired tests, Holm-corrected over the three comparisons
     base = [r["test.accuracy"] * 100 for r in rows if r["method"] == "kd"]
     p_raw = {
@@ -198,14 +205,20 @@ def test_identical_runs_tie_with_zero_difference() -> None:
     twin = [dict(r, method="kd+procrustes", alpha=1, config_hash=r["config_hash"] + "x") for r in rows]
     (c,) = analyse(rows + twin, resamples=500).comparisons
     assert c.verdict == "tie" and c.mean_diff == 0 and c.p_t == 1.0 and c.p_wilcoxon == 1.0
-    assert c.verdict_text() == "tie (no detectable difference; MDE = 0.00 points)"
+    # no spread: the t-test is undefined, so no power and no MDE are claimed (not "MDE = 0")
+    assert c.sd_diff == 0 and math.isnan(c.mde) and c.seeds_needed is None
+    assert c.verdict_text() == "tie (the paired differences do not vary: no test, MDE undefined)"
     # a difference the t-test alone could detect but Holm's correction leaves insignificant is not
     # called "no detectable difference"
     from dataclasses import replace
 
-    big = replace(c, mean_diff=-3.71, mde=0.99, p_t_holm=0.06)
+    big = replace(c, mean_diff=-3.71, mde=0.99, p_t_holm=0.06, sd_diff=1.0)
     assert big.verdict_text() == "tie (not significant after Holm correction; MDE = 0.99 points)"
-    assert replace(c, mean_diff=0.5, mde=0.99).verdict_text().startswith("tie (no detectable difference")
+    assert (
+        replace(c, mean_diff=0.5, mde=0.99, sd_diff=1.0)
+        .verdict_text()
+        .startswith("tie (no detectable difference")
+    )
 
 
 def test_a_metric_that_is_not_a_fraction_keeps_its_units(tmp_path: Path) -> None:
@@ -354,8 +367,9 @@ def test_report_writes_markdown_latex_and_figures(tmp_path: Path) -> None:
         "## Results per group",
         "## Differences to kd",
         "## Statistical power",
-        "MDE (points)",
-        "seeds for 80% power at 0.5",
+        "MDE (points; at Holm's α/m)",
+        "seeds for 80% power at 0.5 (Holm)",
+        "MDE (Holm)",
         "![",
         "kd-dead",
         "paired on (seed, split_seed)",
@@ -445,3 +459,16 @@ def test_report_where_keeps_only_the_named_rows(tmp_path: Path, capsys: pytest.C
     assert "values: 0, 1, 2" in capsys.readouterr().err
     assert main(["report", str(path), "--where", "split_seed"]) == 2
     assert "column=value" in capsys.readouterr().err
+
+
+def test_report_says_why_loss_curves_are_missing(tmp_path: Path) -> None:
+    """Rows whose runs' logs are gone (a committed results file without its runs/): the report
+    says there are no loss curves and why, instead of leaving the figure out silently."""
+    rows = [
+        dict(r, output_dir=str(tmp_path / "gone" / r["run_id"]))
+        for r in rows_for({("kd", None): 0.0, ("kd+gram", 1): 0.0}, seeds=range(3))
+    ]
+    a = analyse(rows, resamples=200)
+    md = write_report(a, tmp_path / "report")["markdown"].read_text()
+    assert "no loss-term curves: none of its 6 runs' log.jsonl is at hand" in md
+    assert not (tmp_path / "report" / "loss_curves.png").exists()

@@ -121,13 +121,11 @@ def paired_power(n: int, sd: float, delta: float, *, alpha: float = 0.05) -> flo
 def minimum_detectable_effect(n: int, sd: float, *, alpha: float = 0.05, power: float = 0.8) -> float:
     """Smallest true mean difference that a two-sided paired t-test (level ``alpha``) with ``n``
     pairs and std of differences ``sd`` detects with probability ``power``; same units as ``sd``.
-    NaN for fewer than 2 pairs; 0 when the differences do not vary."""
+    NaN for fewer than 2 pairs, and when the differences do not vary (the t-test is undefined)."""
     from scipy.optimize import brentq
 
-    if n < 2 or not math.isfinite(sd):
+    if n < 2 or not math.isfinite(sd) or sd == 0:
         return math.nan
-    if sd == 0:
-        return 0.0
     hi = sd
     while paired_power(n, sd, hi, alpha=alpha) < power:
         hi *= 2
@@ -138,8 +136,9 @@ def seeds_for_power(
     sd: float, delta: float = 0.5, *, alpha: float = 0.05, power: float = 0.8, max_n: int = 100_000
 ) -> int | None:
     """Smallest number of pairs for which the paired t-test detects ``delta`` with ``power``, given
-    the std of differences ``sd``; None if more than ``max_n`` would be needed (or sd is unknown)."""
-    if not math.isfinite(sd):
+    the std of differences ``sd``; None if more than ``max_n`` would be needed, or sd is unknown
+    or 0 (then the spread that power depends on has not been seen)."""
+    if not math.isfinite(sd) or sd == 0:
         return None
     if paired_power(2, sd, delta, alpha=alpha) >= power:
         return 2
@@ -235,12 +234,18 @@ class Comparison:
     mde: float
     seeds_needed: int | None
     geometry: bool
+    # the same at Holm's strictest level, alpha / m for m comparisons in the setting: what the
+    # smallest p-value must beat for a win (the others face alpha / (m - 1), ..., alpha)
+    mde_holm: float = math.nan
+    seeds_needed_holm: int | None = None
     p_t_holm: float = math.nan
     p_wilcoxon_holm: float = math.nan
     verdict: str = ""  # win / loss / tie / too few pairs
     unit: str = "points"  # percentage points; "units" for a metric that is not a fraction
 
     def verdict_text(self) -> str:
+        if self.verdict == "tie" and self.sd_diff == 0:
+            return "tie (the paired differences do not vary: no test, MDE undefined)"
         if self.verdict == "tie":
             if math.isfinite(self.mde) and self.mde > 0 and abs(self.mean_diff) >= self.mde:
                 # as large as the t-test could detect alone, but not significant after Holm (or the
@@ -474,6 +479,9 @@ def analyse(
         for c, pt, pw in zip(family, p_t, p_w, strict=True):
             c.p_t_holm, c.p_wilcoxon_holm = float(pt), float(pw)
             c.unit = unit
+            strict = alpha / len(family)
+            c.mde_holm = minimum_detectable_effect(c.pairs, c.sd_diff, alpha=strict, power=power)
+            c.seeds_needed_holm = seeds_for_power(c.sd_diff, delta, alpha=strict, power=power)
             if c.pairs < 2:
                 c.verdict = "too few pairs"
             elif c.ci_low > 0 and pt < alpha:
@@ -652,8 +660,8 @@ def _comparison_table(a: Analysis, latex: bool = False) -> tuple[list[str], list
         "95% CI",
         "t-test p (Holm)",
         "Wilcoxon p (Holm)",
-        f"MDE ({a.unit})",
-        f"seeds for {a.power:.0%} power at {a.delta:g}",
+        f"MDE ({a.unit}; at Holm's α/m)",
+        f"seeds for {a.power:.0%} power at {a.delta:g} (Holm)",
         "verdict",
     ]
     rows = []
@@ -666,12 +674,16 @@ def _comparison_table(a: Analysis, latex: bool = False) -> tuple[list[str], list
                 f"[{_num(c.ci_low, True)}, {_num(c.ci_high, True)}]",
                 _p(c.p_t_holm),
                 _p(c.p_wilcoxon_holm),
-                _num(c.mde),
-                "n/a" if c.seeds_needed is None else str(c.seeds_needed),
+                f"{_num(c.mde)} ({_num(c.mde_holm)})",
+                f"{_seeds(c.seeds_needed)} ({_seeds(c.seeds_needed_holm)})",
                 c.verdict if latex else c.verdict_text(),
             ]
         )
     return header, rows
+
+
+def _seeds(n: int | None) -> str:
+    return "n/a" if n is None else str(n)
 
 
 def _sorted_groups(a: Analysis) -> list[Group]:
@@ -703,7 +715,12 @@ def _verdict_lines(a: Analysis) -> list[str]:
                 f"- **{_label(c.treatment)}** vs {_label(c.baseline)}: **{c.verdict_text()}**: "
                 f"{_num(c.mean_diff, True)} {a.unit} (95% CI {_num(c.ci_low, True)} to {_num(c.ci_high, True)}), "
                 f"paired t-test p = {_p(c.p_t_holm)}, Wilcoxon p = {_p(c.p_wilcoxon_holm)} (Holm), "
-                f"{c.pairs} pairs" + ("." if c.verdict == "tie" else f", MDE {_num(c.mde)} {a.unit}.")
+                f"{c.pairs} pairs"
+                + (
+                    "."
+                    if c.verdict == "tie"
+                    else f", MDE {_num(c.mde)} {a.unit} ({_num(c.mde_holm)} at Holm's α/m)."
+                )
             )
         lines.append("")
     return lines
@@ -860,6 +877,13 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
             figures.append(
                 (name("loss_curves", i), f"{where}: each loss term over training, mean over {over}")
             )
+        elif runs:
+            note = (
+                f"{where or 'all runs'}: no loss-term curves: none of its {runs} runs' log.jsonl is at hand "
+                "(in the sweep's runs/ folder, next to results.jsonl or at each row's output_dir)"
+            )
+            if note not in a.notes:  # the report's notes (a second report from one analysis: once)
+                a.notes.append(note)
 
     # layer ablation: difference to the baseline per layer map (rows: everything else)
     cells: dict[tuple[str, str], float] = {}
@@ -998,7 +1022,9 @@ def write_report(
         f"MDE: the smallest true mean difference a two-sided paired t-test (level {a.alpha:g}) detects "
         f"with {a.power:.0%} power, from the observed std of the paired differences and the number of "
         f"pairs (noncentral t). Seeds needed: pairs for {a.power:.0%} power at a {a.delta:g}-{a.unit[:-1]} "
-        "difference with that std.",
+        "difference with that std. Holm: the same at level alpha / m for the m comparisons of the "
+        "setting, the level the smallest of their p-values must beat for a win (a conservative bound: "
+        "the others face alpha / (m - 1), ..., alpha).",
         "",
         _markdown(
             [
@@ -1007,7 +1033,9 @@ def write_report(
                 "pairs",
                 "std of differences",
                 "MDE",
+                "MDE (Holm)",
                 f"seeds for {a.delta:g} {a.unit}",
+                f"seeds for {a.delta:g} {a.unit} (Holm)",
             ],
             [
                 [
@@ -1015,7 +1043,9 @@ def write_report(
                     str(c.pairs),
                     _num(c.sd_diff),
                     _num(c.mde),
-                    "n/a" if c.seeds_needed is None else str(c.seeds_needed),
+                    _num(c.mde_holm),
+                    _seeds(c.seeds_needed),
+                    _seeds(c.seeds_needed_holm),
                 ]
                 for c in a.comparisons
             ],
@@ -1099,6 +1129,8 @@ def _summary(a: Analysis) -> dict[str, Any]:
                 "p_wilcoxon_holm": _finite(c.p_wilcoxon_holm),
                 "mde": _finite(c.mde),
                 "seeds_needed": c.seeds_needed,
+                "mde_holm": _finite(c.mde_holm),
+                "seeds_needed_holm": c.seeds_needed_holm,
                 "verdict": c.verdict,
                 "geometry": c.geometry,
             }
