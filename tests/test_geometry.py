@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 import torch
 from torch.autograd import gradcheck
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from geodistill.geometry import (
+    POLAR_METHODS,
+    center,
     cka,
     cka_distance,
     gram_distance,
@@ -19,6 +23,8 @@ from geodistill.geometry import (
     polar_method,
     procrustes_distance,
 )
+
+METHODS = [m for m in POLAR_METHODS if m != "auto"]  # auto is one of these, chosen by device
 
 # ----------------------------------------------------------------------------------------------
 # independent float64 references (NumPy SVD, explicit n x n matrices)
@@ -43,6 +49,21 @@ def ref_all(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         "angular": float(np.arccos(np.clip(nuc, -1.0, 1.0))),
         "gram": float(np.sum((kx - ky) ** 2)),
         "cka": float(hsic / (np.linalg.norm(kx) * np.linalg.norm(ky))),
+    }
+
+
+def ref_dd(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """The same definitions in their d x d form (for n where n x n matrices do not fit): float64
+    NumPy centring and SVD; Gram and CKA from X~^T X~, Y~^T Y~ and X~^T Y~."""
+    xn = _ref_normalize(x.detach().double().cpu().numpy())
+    yn = _ref_normalize(y.detach().double().cpu().numpy())
+    m, xx, yy = xn.T @ yn, xn.T @ xn, yn.T @ yn
+    nuc = np.linalg.svd(m, compute_uv=False).sum()
+    return {
+        "procrustes": 2.0 - 2.0 * nuc,
+        "angular": float(np.arccos(np.clip(nuc, -1.0, 1.0))),
+        "gram": float(np.sum(xx**2) + np.sum(yy**2) - 2.0 * np.sum(m**2)),
+        "cka": float(np.sum(m**2) / (np.linalg.norm(xx) * np.linalg.norm(yy))),
     }
 
 
@@ -123,7 +144,19 @@ TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-9, 1e-12)}
 ANGULAR_NEAR_ZERO = {torch.float32: 1e-3, torch.float64: 1e-6}
 
 
-@pytest.mark.parametrize("method", ["eigh", "newton-schulz"])
+def assert_within_bound(
+    got: dict[str, float], ref: dict[str, float], dtype: torch.dtype, what: object
+) -> None:
+    """The geometry core's exactness bound, for every key of ``got`` (angular: absolute near 0)."""
+    rel, absolute = TOL[dtype]
+    for key, value in got.items():
+        bound = rel * abs(ref[key]) + absolute
+        if key == "angular" and ref[key] < 1e-2:
+            bound = max(bound, ANGULAR_NEAR_ZERO[dtype])
+        assert abs(value - ref[key]) <= bound, (what, key, value, ref[key])
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", CASES)
 def test_exact_against_float64_reference(case: str, dtype: torch.dtype, method: str) -> None:
@@ -160,6 +193,141 @@ def test_small_distances_keep_relative_digits(case: str) -> None:
     assert procrustes_distance(x, y).item() == pytest.approx(ref["procrustes"], rel=1e-5)
     assert gram_distance(x, y).item() == pytest.approx(ref["gram"], rel=1e-5)
     assert cka_distance(x, y).item() == pytest.approx(1 - ref["cka"], rel=1e-5)
+
+
+def _offset_features(n: int, seed: int, d: int = 48, d_t: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden-state-like float32 features at large n: column offsets up to 3e4, spreads from 1 down
+    to 1e-2, and y = x W + noise (so y carries offsets too). A float32 mean is off by a few
+    percent of the small spreads here: the centring must not be."""
+    g = torch.Generator().manual_seed(seed)
+    offset = 3e4 * (2 * torch.rand(d, generator=g, dtype=torch.float64) - 1)
+    spread = torch.logspace(0, -2, d, dtype=torch.float64)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * spread + offset
+    w = torch.randn(d, d_t, generator=g, dtype=torch.float64) / d**0.5
+    y = x @ w + 0.3 * torch.randn(n, d_t, generator=g, dtype=torch.float64)
+    return x.float(), y.float()
+
+
+@pytest.mark.parametrize("n", [65_536, 262_144])
+def test_exact_at_large_n_with_offsets(n: int) -> None:
+    # before the shifted centring, float32 column sums put Procrustes 2.5x (65,536 rows) to 50x
+    # (262,144) outside the bound on inputs like these
+    x, y = _offset_features(n, seed=n)
+    ref = ref_dd(x, y)
+    # both polar routes at 65,536 rows; the centring and the GEMMs they share at 262,144 (CPU default)
+    methods = METHODS if n <= 65_536 else ["auto"]
+    # far from 0 and from CKA = 1: no recomputation from float64 inputs, the float32 route is tested
+    assert 0.3 < ref["procrustes"] < 1.0 and 0.5 < ref["cka"] < 0.9 and ref["gram"] > 0.02
+    for method in methods:
+        with polar_method(method):
+            got = ours(x, y)
+        got["cka_distance"] = cka_distance(x, y).item()
+        assert_within_bound(got, {**ref, "cka_distance": 1.0 - ref["cka"]}, torch.float32, (n, method))
+    # the centred matrix itself: each entry off by its own rounding, not by the column offset's
+    xc_ref = x.double() - x.double().mean(0)
+    err = (center(x).double() - xc_ref).abs().max(0).values
+    assert (err <= 4 * torch.finfo(torch.float32).eps * xc_ref.abs().max(0).values).all()
+
+
+FUNCTIONS = {
+    "procrustes": procrustes_distance,
+    "angular": lambda a, b: procrustes_distance(a, b, angular=True),
+    "gram": gram_distance,
+    "cka": cka,
+    "cka_distance": cka_distance,
+}
+
+
+def _ref_values(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    ref = ref_all(x, y)
+    return {**ref, "cka_distance": 1.0 - ref["cka"]}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "scale",
+    [1e20, 1e-20, 1e30, 1e-30, 1e-38, 2.0**100],
+    ids=["1e20", "1e-20", "1e30", "1e-30", "1e-38", "2^100"],
+)
+def test_scale_invariance_at_extreme_float32_scales(scale: float, method: str) -> None:
+    # before the rescaling: x * 1e19 gave a NaN Gram distance and D_P = 2, x * 1e-25 D_P = 2, CKA 0
+    x, y = make_case("ds_ne_dt", torch.float32)
+    xs = (x.double() * scale).float()  # finite, rounded at the new scale (subnormal at 1e-38)
+    assert torch.isfinite(xs).all() and (xs != 0).all()
+    ref = _ref_values(xs, y)
+    with polar_method(method):
+        at_one = {k: f(x, y).item() for k, f in FUNCTIONS.items()}
+        for a, b in ((xs, y), (y, xs), (xs, -2 * xs)):
+            got = {k: f(a, b).item() for k, f in FUNCTIONS.items()}
+            if a is xs and b is y:
+                assert_within_bound(got, ref, torch.float32, scale)
+                if scale == 2.0**100:  # an exact power of two: the same value as at unit scale
+                    assert got == pytest.approx(at_one, rel=1e-6, abs=1e-7)
+            elif a is y:
+                assert_within_bound(got, ref, torch.float32, ("swapped", scale))  # symmetry
+            else:
+                assert got["procrustes"] == pytest.approx(0.0, abs=1e-6) and got["cka"] == pytest.approx(1.0)
+        for name, f in FUNCTIONS.items():
+            xg = xs.clone().requires_grad_(True)
+            (gx,) = torch.autograd.grad(f(xg, y), xg)
+            assert torch.isfinite(gx).all(), (name, scale)
+
+
+def test_centring_that_overflows_float32_is_rescaled_first() -> None:
+    # entries of both signs near float32's largest: the shifted sums overflow unless x is scaled
+    # first, and in column 0 one entry of x - mean itself is beyond float32
+    g = torch.Generator().manual_seed(12)
+    top = 0.9 * torch.finfo(torch.float32).max
+    x = torch.randn(300, 48, generator=g, dtype=torch.float64)
+    x = x / x.abs().max() * top
+    x[:, 0] = -top
+    x[5, 0] = top
+    big, y = x.float(), torch.randn(300, 20, generator=g)
+    assert torch.isfinite(big).all() and not torch.isfinite(big[1:] - big[:1]).all()
+    assert_within_bound(
+        {k: f(big, y).item() for k, f in FUNCTIONS.items()}, _ref_values(big, y), torch.float32, "big"
+    )
+    xg = big.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(procrustes_distance(xg, y), xg)
+    assert torch.isfinite(gx).all()
+    c, ref = center(big).double(), big.double() - big.double().mean(0)
+    assert torch.isinf(c[5, 0]) and torch.isfinite(ref[5, 0])  # not representable: inf, not garbage
+    c[5, 0] = ref[5, 0]
+    assert torch.allclose(c, ref, rtol=1e-6, atol=1e-6 * top)
+    assert torch.isfinite(normalize(big)).all()
+
+
+@pytest.mark.parametrize("scale", [1e300, 1e-300, 1e-310, 1.7e308])
+def test_scale_invariance_at_extreme_float64_scales(scale: float) -> None:
+    x, y = make_case("ds_ne_dt", torch.float64)
+    xs = x / x.abs().max() * scale if scale > 1e300 else x * scale
+    assert torch.isfinite(xs).all()
+    ref = _ref_values(xs / scale, y)  # the reference at unit scale: NumPy cannot square these
+    assert_within_bound({k: f(xs, y).item() for k, f in FUNCTIONS.items()}, ref, torch.float64, scale)
+
+
+@pytest.mark.parametrize("where", ["max", "smallest_normal", "tiny_subnormal"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_at_their_extreme_values(dtype: torch.dtype, where: str) -> None:
+    fi = torch.finfo(dtype)
+    target = {
+        "max": fi.max,
+        "smallest_normal": fi.smallest_normal,
+        "tiny_subnormal": 64 * fi.smallest_normal * fi.eps,
+    }[where]
+    x, y = make_case("ds_ne_dt", torch.float64)
+    xh = (x / x.abs().max() * target).to(dtype)  # the largest entry exactly at the target
+    yh = (y / y.abs().max() * target).to(dtype)
+    assert torch.isfinite(xh).all() and xh.abs().max().item() == pytest.approx(target, rel=1e-2)
+    ref = _ref_values(xh, yh)  # the same (rounded) inputs in float64
+    for method in METHODS:
+        with polar_method(method):
+            got = {}
+            for name, f in FUNCTIONS.items():
+                out = f(xh, yh)
+                assert out.dtype == torch.float32 and out.ndim == 0, name
+                got[name] = out.item()
+        assert_within_bound(got, ref, torch.float32, (dtype, where, method))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,7 +485,7 @@ def test_nuclear_norm_gradient_is_polar_factor_even_for_repeated_singular_values
 # gradients
 
 
-@pytest.mark.parametrize("method", ["eigh", "newton-schulz"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shape", [(20, 5, 7), (6, 10, 12), (9, 4, 4)], ids=["n>d", "n<d", "square"])
 @pytest.mark.parametrize("name", [*list(DISTANCES), "cka"])
 def test_gradcheck(shape: tuple[int, int, int], name: str, method: str) -> None:
@@ -350,11 +518,13 @@ def test_gradcheck_nuclear_norm() -> None:
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_gradients_finite_everywhere(case: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_finite_everywhere(case: str, dtype: torch.dtype, method: str) -> None:
     x, y = make_case(case, dtype)
-    for name, f in DISTANCES.items():
+    for name, f in FUNCTIONS.items():
         xg, yg = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
-        gx, gy = torch.autograd.grad(f(xg, yg), (xg, yg))
+        with polar_method(method):
+            gx, gy = torch.autograd.grad(f(xg, yg), (xg, yg))
         assert torch.isfinite(gx).all() and torch.isfinite(gy).all(), name
 
 
@@ -384,11 +554,34 @@ def test_constant_input_is_finite() -> None:
 def test_half_precision_inputs_compute_in_float32(dtype: torch.dtype) -> None:
     x, y = _random_pair(0)
     xh, yh = x.to(dtype), y.to(dtype)
-    for name, f in DISTANCES.items():
+    for name, f in FUNCTIONS.items():
         out = f(xh, yh)
         assert out.dtype == torch.float32 and out.ndim == 0
         ref = f(xh.double(), yh.double()).item()  # same (rounded) inputs, exact arithmetic
         assert out.item() == pytest.approx(ref, rel=1e-5, abs=1e-6), name
+
+
+PUBLIC_SCALARS = {**FUNCTIONS, "nuclear_norm": lambda a, b: nuclear_norm(a.mT @ b)}
+
+
+@pytest.mark.parametrize(
+    "dtype, expected",
+    [
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+    ids=["f16", "bf16", "f32", "f64"],
+)
+def test_output_dtype_and_shape_of_every_public_function(dtype: torch.dtype, expected: torch.dtype) -> None:
+    x, y = (t.to(dtype) for t in _random_pair(0))
+    for name, f in PUBLIC_SCALARS.items():
+        out = f(x, y)
+        assert out.dtype == expected and out.ndim == 0 and out.device == x.device, name
+    for f in (center, normalize):  # the matrices keep their shape, in the compute dtype
+        out = f(x)
+        assert out.dtype == expected and out.shape == x.shape, f.__name__
 
 
 def test_mixed_dtypes_promote_to_float64() -> None:
@@ -551,3 +744,86 @@ def test_compile_failure_falls_back_to_the_eager_steps(monkeypatch) -> None:
 def test_polar_method_rejects_unknown() -> None:
     with pytest.raises(ValueError, match="polar method"), polar_method("svd"):
         pass
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class _NoFloat64On(TorchDispatchMode):
+    """Fails any op (forward or backward) that makes a float64 tensor on ``device_type``."""
+
+    def __init__(self, device_type: str) -> None:
+        super().__init__()
+        self.device_type = device_type
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.device.type == self.device_type:
+                raise AssertionError(f"{func} made a float64 tensor on {t.device}")
+        return out
+
+
+def _device_values(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = {name: f(x, y) for name, f in FUNCTIONS.items()}
+    out["nuclear_norm"] = nuclear_norm(m)
+    return out
+
+
+def _check_cuda_against_cpu(dtype: torch.dtype, method: str) -> None:
+    for case in (
+        "n_gt_d",
+        "n_lt_d",
+        "ds_ne_dt",
+        "nearly_identical",
+        "rank_deficient",
+        "rotated_scaled_shifted",
+    ):
+        x, y = (t.to(dtype) for t in make_case(case, torch.float32))
+        m = (x.double().mT @ y.double()).to(dtype)  # the same matrix on both devices
+        ref = {
+            **_ref_values(x, y),
+            "nuclear_norm": float(np.linalg.svd(m.double().numpy(), compute_uv=False).sum()),
+        }
+        xg = x.cuda().requires_grad_(True)
+        with polar_method(method):
+            cpu = _device_values(x, y, m)
+            gpu = _device_values(xg, y.cuda(), m.cuda())
+            (grad,) = torch.autograd.grad(gpu["procrustes"] + gpu["gram"] + gpu["cka_distance"], xg)
+        for name, value in gpu.items():
+            assert value.device.type == "cuda" and value.ndim == 0, (case, name)
+            assert value.dtype == cpu[name].dtype == torch.float32, (case, name, value.dtype)
+        assert_within_bound({k: v.item() for k, v in gpu.items()}, ref, torch.float32, (case, dtype, method))
+        assert_within_bound({k: v.item() for k, v in cpu.items()}, ref, torch.float32, (case, dtype, method))
+        assert grad.dtype == dtype and torch.isfinite(grad).all(), case
+
+
+@cuda
+@pytest.mark.parametrize("method", POLAR_METHODS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
+def test_cuda_values_and_dtypes_match_the_cpu(dtype: torch.dtype, method: str) -> None:
+    _check_cuda_against_cpu(dtype, method)
+
+
+@cuda
+@pytest.mark.parametrize("method", POLAR_METHODS)
+def test_a_device_without_float64_keeps_float64_on_the_cpu(monkeypatch, method: str) -> None:
+    """MPS has no float64: with CUDA made to look like it, no op may put a float64 tensor on the
+    device, forward or backward, and the values stay exact (the same code path as on MPS)."""
+    from geodistill import geometry
+
+    monkeypatch.setattr(geometry, "_has_float64", lambda device: device.type == "cpu")
+    with _NoFloat64On("cuda"):
+        _check_cuda_against_cpu(torch.float32, method)
+        x, y = make_case("ds_ne_dt", torch.float32)
+        xs = (x.double() * 1e20).float().cuda()
+        assert_within_bound(
+            {k: f(xs, y.cuda()).item() for k, f in FUNCTIONS.items()},
+            _ref_values(xs.cpu(), y),
+            torch.float32,
+            "1e20",
+        )
+        assert torch.isfinite(normalize(xs)).all() and center(xs).device.type == "cuda"

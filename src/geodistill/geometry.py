@@ -9,11 +9,24 @@ translation and isotropic scaling of either input, and to orthogonal transforms 
 Numerics, shared by every function:
 
 * half-precision inputs are computed in float32, float64 stays float64; the result is a 0-dim
-  tensor of that compute dtype;
-* the column means and Frobenius norms are accumulated in float64 (a float32 reduction over
-  millions of entries is off by ~1e-5, which alone would break the exactness bound);
+  tensor of that compute dtype on the input's device;
+* centring: the column sums are taken of the input minus its first row, so that their rounding is
+  relative to the spread of each column rather than its offset, and combined with that shift in
+  float64; the mean is then subtracted from the shifted rows. A float32 mean of columns with
+  offsets 1e4 and spreads 1e-2 is off by a few percent of the spread, which would break the
+  exactness bound at large n;
+* the column sums and squared Frobenius norms are float64 values: accumulated in float64 on
+  CUDA; on the CPU as torch's float32 cascade sums (a few eps of the sum of ``|terms|`` whatever
+  n; float64 accumulation costs 5-7x there), over blocks combined in float64 for the norms; on
+  MPS in float32. The tests hold every function to the bound at n = 262,144 with such offsets;
+* scale: where the root mean square of a centred input leaves [2^-40, 2^40] (float32;
+  [2^-400, 2^400] in float64), it is rescaled by an exact power of two before any square or
+  product, so every finite input (float32 at 1e+-20 or 1e-38, float16/bfloat16 at their extreme
+  values) gives the value of the same input at unit scale;
 * the ``n x d`` products (``X^T Y`` and friends) run in the compute dtype, so the cost is that of
-  one GEMM; the small ``d x d`` (or ``n x n`` when ``n < d``) decomposition runs in float64;
+  one GEMM (its float32 accumulation over n = 262,144 centred rows stays inside the bound); the
+  small ``d x d`` (or ``n x n`` when ``n < d``) decomposition runs in float64;
+* MPS has no float64: there the float64 statistics and the decomposition run on the CPU;
 * no ``n x n`` matrix is ever formed for the Gram distance or CKA, and no SVD backward is used:
   the gradient of the nuclear norm is the polar factor ``U V^T`` of the same decomposition.
 
@@ -82,10 +95,8 @@ def _check_matrix(x: Tensor, name: str) -> None:
 
 
 def _nonfinite_error(x: Tensor, name: str) -> ValueError:
-    if bool(torch.isfinite(x).all()):  # the column sum overflowed: finite but absurdly large values
-        return ValueError(
-            f"{name} of shape {tuple(x.shape)} has values too large to sum (|x| ~ {float(x.abs().max()):.3g})"
-        )
+    if bool(torch.isfinite(x).all()):  # with a reduce: the rows of another process are not finite
+        return ValueError(f"{name}: the rows of another process contain NaN or infinite values")
     return ValueError(f"{name} of shape {tuple(x.shape)} contains NaN or infinite values")
 
 
@@ -119,40 +130,193 @@ class _SafeSqrt(torch.autograd.Function):
 
 Reduce = Callable[[Tensor], Tensor]
 
+# Root-mean-square window of a centred input (power-of-two bounds) inside which its squares and the
+# GEMMs neither overflow nor lose digits to underflow; outside it the centred input is rescaled.
+_RMS_WINDOW = {torch.float32: 2.0**40, _F64: 2.0**400}
+# A finite input whose centring overflows is first multiplied by this power of two (exact).
+_PRESCALE = {torch.float32: -64, _F64: -512}
+
+
+def _has_float64(device: torch.device) -> bool:
+    return device.type != "mps"
+
+
+def _float64_device(device: torch.device) -> torch.device:
+    # MPS has no float64: the float64 statistics and the small decomposition run on the CPU there.
+    return device if _has_float64(device) else torch.device("cpu")
+
+
+def _as_f64(t: Tensor) -> Tensor:
+    return t.to(device=_float64_device(t.device), dtype=_F64)
+
+
+def _sum64(t: Tensor, dim: int) -> Tensor:
+    """Sum of ``t`` over ``dim`` (kept), as float64 on the float64 device.
+
+    On the CPU (and MPS) the sum runs in ``t``'s dtype: torch's CPU sum is a cascade summation,
+    off by a few eps times the sum of ``|terms|`` whatever the length (measured: at most 4.4 eps
+    over 1M rows), while accumulating in float64 there costs 5-7x as much. Elsewhere it
+    accumulates in float64 (cheap on a GPU, and no reliance on how a device orders a float32 sum).
+    """
+    acc = _F64 if t.device.type != "cpu" and _has_float64(t.device) else t.dtype
+    return _as_f64(t.sum(dim=dim, keepdim=True, dtype=acc))
+
+
+# On the CPU the sum of squares goes through blocks this large: a temporary of a whole n x d
+# matrix costs more in fresh pages than the arithmetic (measured 3-4x at 65,536 x 384).
+_SQUARES_BLOCK = 1 << 16
+
+
+def _sum_squares64(t: Tensor) -> Tensor:
+    """``||t||_F^2`` as float64 on the float64 device, accumulated as :func:`_sum64` does; on the
+    CPU, float32 cascade sums of blocks of ``_SQUARES_BLOCK`` entries added in float64."""
+    if t.device.type != "cpu":
+        return _sum64(t.square().flatten(), 0)[0]
+    flat = t.reshape(-1)
+    if flat.numel() <= _SQUARES_BLOCK:
+        return _as_f64(flat.square().sum())
+    return torch.stack([block.square().sum() for block in flat.split(_SQUARES_BLOCK)]).sum(dtype=_F64)
+
+
+def _times_pow2(t: Tensor, k: int) -> Tensor:
+    """``t * 2**k``, exact (two factors, so that no factor overflows a float64)."""
+    half = k // 2
+    for e in (half, k - half):
+        if e:
+            t = t * 2.0**e
+    return t
+
+
+def _centre_values(
+    x: Tensor, name: str, reduce: Reduce | None, rows: int, prescaled: bool = False
+) -> tuple[Tensor, Tensor, int]:
+    """The forward of :class:`_Centre` (no autograd): ``(xc, sq, k)``."""
+    total = reduce if reduce is not None else (lambda t: t)
+    shift = x[:1] if x.shape[0] else x.new_zeros(1, x.shape[1])
+    shift64 = _as_f64(shift)
+    xc = x - shift  # (n, d); centred in place below: one n x d buffer
+    colsum = total(_sum64(xc, 0) + x.shape[0] * shift64)  # (1, d) float64
+    xc.add_((shift64 - colsum / rows).to(device=x.device, dtype=x.dtype))
+    sq = total(_sum_squares64(xc))  # () float64
+    window = _RMS_WINDOW[x.dtype]
+    ms = sq / (rows * x.shape[1])
+    # one host sync for both checks (NaN fails every comparison)
+    if bool((torch.isfinite(colsum).all() & (ms >= window**-2) & (ms <= window**2)).item()):
+        return xc, sq, 0
+    if not bool(torch.isfinite(colsum).all()):
+        bad = torch.isfinite(x).logical_not().sum()
+        if reduce is not None:
+            bad = total(_as_f64(bad))
+        if float(bad) > 0:
+            raise _nonfinite_error(x, name)
+        return _prescaled_centre(x, name, reduce, rows, prescaled)  # the shifted sums overflowed
+    big = torch.linalg.vector_norm(xc, ord=math.inf)
+    if reduce is not None:
+        big = total(_as_f64(big))  # a sum of the processes' largest entries: one power of two for all
+    big = float(big)
+    if big == 0.0:  # a constant input: exact zeros
+        return xc, sq, 0
+    if math.isinf(big):
+        return _prescaled_centre(x, name, reduce, rows, prescaled)  # x - mean overflowed
+    k = -math.frexp(big)[1]
+    xc = _times_pow2(xc, k)
+    return xc, total(_sum_squares64(xc)), k
+
+
+def _prescaled_centre(
+    x: Tensor, name: str, reduce: Reduce | None, rows: int, prescaled: bool
+) -> tuple[Tensor, Tensor, int]:
+    if prescaled:  # cannot happen: after the prescale every sum fits
+        raise ValueError(f"{name} of shape {tuple(x.shape)} could not be centred without overflow")
+    k0 = _PRESCALE[x.dtype]
+    xc, sq, k = _centre_values(_times_pow2(x, k0), name, reduce, rows, prescaled=True)
+    return xc, sq, k + k0
+
+
+class _Centre(torch.autograd.Function):
+    """``(2^k (x - mean), ||2^k (x - mean)||_F^2, k)`` for ``x`` (n, d): see :func:`_centre`.
+
+    Backward: with ``P`` the centring (subtract the column means, over every process's rows),
+    ``g_x = 2^k P (g_xc + 2 g_sq xc)``; written by hand so that forward and backward each
+    allocate one n x d buffer (autograd's composition allocates five, and on the CPU fresh pages
+    cost more than the arithmetic).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, name: str, reduce: Reduce | None, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        xc, sq, k = _centre_values(x.detach(), name, reduce, rows)
+        ctx.save_for_backward(xc)
+        ctx.reduce, ctx.rows, ctx.k = reduce, rows, k
+        k_out = torch.tensor(k)
+        ctx.mark_non_differentiable(k_out)
+        return xc, sq, k_out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx, g_xc: Tensor | None, g_sq: Tensor | None, _: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        (xc,) = ctx.saved_tensors
+        if g_xc is None and g_sq is None:
+            return None, None, None, None
+        if g_sq is not None:
+            g_sq = g_sq.to(device=xc.device, dtype=xc.dtype)
+            if ctx.reduce is not None:  # the upstream gradient of the global norm from every process
+                g_sq = ctx.reduce(g_sq)
+            twice = 2.0 * g_sq
+            g = xc * twice if g_xc is None else torch.addcmul(g_xc, xc, twice)  # a new buffer
+        else:
+            g = g_xc  # autograd's: not to be written to
+        colsum = g.sum(dim=0, keepdim=True)
+        if ctx.reduce is not None:
+            colsum = ctx.reduce(colsum)
+        gx = g.sub_(colsum / ctx.rows) if g is not g_xc else g - colsum / ctx.rows
+        return _times_pow2(gx, ctx.k), None, None, None
+
 
 def _centre(
     x: Tensor, name: str = "x", reduce: Reduce | None = None, n: int | None = None
-) -> tuple[Tensor, Tensor]:
-    """Column-centre ``x`` (n, d) and return ``(x - mean, ||x - mean||_F)`` (the norm in float64).
+) -> tuple[Tensor, Tensor, int]:
+    """Column-centre ``x`` (n, d): ``(2^k (x - mean), 2^k ||x - mean||_F, k)``, the norm in float64.
 
-    Sums use torch's cascade summation (relative error ~1e-7 in float32, whatever n), which keeps
-    the fast path within the exactness bound wherever it is used; the small-distance regime is
-    recomputed from float64 inputs by the callers. A NaN or inf anywhere makes its column sum
-    non-finite: that is the input check, at no extra pass. Both outputs stay on the autograd graph.
+    Exactness: the column sums are taken of ``x`` minus its first row, so their rounding is
+    relative to the spread of the columns, not to their offset (a float32 mean of columns with
+    offsets 1e4 and spreads 1e-2 is off by a few percent of the spread; shifted, by ~1e-7 of it),
+    and combined with the shift in float64; the mean is subtracted from the shifted rows, which
+    leaves each centred entry with its own rounding only (a constant column centres to exact
+    zeros). The squared norm is a float64 sum of block sums (see :func:`_sum64`).
+
+    Scale: ``k`` is 0 unless the root mean square of the centred entries lies outside
+    ``_RMS_WINDOW``, where the squares or the GEMMs over n would overflow or lose digits to
+    underflow; then the centred input is multiplied by the power of two ``2^k`` that brings its
+    largest entry to [1/2, 1) (exact), which leaves every scale-invariant quantity unchanged. An
+    input whose centring itself overflows is first multiplied by ``2^_PRESCALE``. NaN or inf
+    anywhere makes the column sums non-finite: that is the input check, at no extra pass.
 
     ``reduce`` (with ``n``, the total row count) sums over samples held elsewhere, e.g. an
-    all-reduce across data-parallel ranks: ``x`` is then this process's shard of the rows.
+    all-reduce across data-parallel ranks: ``x`` is then this process's shard of the rows. Forward
+    it is applied to float64 tensors: the column sums ``(1, d)`` and the squared norm ``()``, and
+    only where the checks fail also to a float64 count of non-finite values, a float64 largest
+    entry and the rescaled float64 squared norm (every decision is taken on reduced values, so all
+    processes take the same path). Backward, in ``x``'s dtype, to the column sums of the gradient
+    ``(1, d)`` and, where the norm is used, to the gradient of the squared norm ``()``.
     """
-    colsum = x.sum(dim=0, keepdim=True)
-    if reduce is not None:
-        colsum = reduce(colsum)
-    if not bool(torch.isfinite(colsum).all()):
-        raise _nonfinite_error(x, name)
-    xc = x - colsum / (n if reduce is not None else x.shape[0])
-    sq = xc.square().sum()
-    if reduce is not None:
-        sq = reduce(sq)
+    xc, sq, k = _Centre.apply(x, name, reduce, n if reduce is not None else x.shape[0])
     # sqrt with a zero subgradient at 0, so a constant input gives zeros, not NaN gradients
-    return xc, _SafeSqrt.apply(sq.to(_F64))
+    return xc, _SafeSqrt.apply(sq), int(k)
 
 
 def center(x: Tensor) -> Tensor:
     """Subtract the column means: ``x - 1 mean(x)``; shape ``(n, d)`` -> ``(n, d)``.
 
-    Computed in float32 (float64 for float64 input) with the mean accumulated in float64.
+    Computed in float32 (float64 for float64 input); the column sums are taken of ``x`` minus its
+    first row and combined in float64, so each entry carries only its own rounding, however large
+    the offset of its column.
     """
     _check_matrix(x, "x")
-    return _centre(x.to(_compute_dtype(x)))[0]
+    xc, _, k = _centre(x.to(_compute_dtype(x)))
+    return _times_pow2(xc, -k)
 
 
 def normalize(x: Tensor, eps: float = 1e-30) -> Tensor:
@@ -162,8 +326,8 @@ def normalize(x: Tensor, eps: float = 1e-30) -> Tensor:
     the division.
     """
     _check_matrix(x, "x")
-    xc, nrm = _centre(x.to(_compute_dtype(x)))
-    return xc / nrm.clamp_min(eps).to(xc.dtype)
+    xc, nrm, _ = _centre(x.to(_compute_dtype(x)))
+    return xc / nrm.clamp_min(eps).to(device=xc.device, dtype=xc.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,13 +519,8 @@ def _newton_schulz_nuclear_and_polar(m: Tensor) -> tuple[Tensor, Tensor] | None:
         torch.set_float32_matmul_precision(previous)
     if not converged:
         return None
-    nuc = (x.to(_F64) * a.to(_F64)).sum()
+    nuc = (_as_f64(x) * _as_f64(a)).sum()
     return nuc, (x.mT if transpose else x)
-
-
-def _decomposition_device(device: torch.device) -> torch.device:
-    # MPS has no float64: the small decomposition runs on the CPU there.
-    return torch.device("cpu") if device.type == "mps" else device
 
 
 class _NuclearNorm(torch.autograd.Function):
@@ -371,17 +530,16 @@ class _NuclearNorm(torch.autograd.Function):
     def forward(ctx, m: Tensor) -> Tensor:
         result = _newton_schulz_nuclear_and_polar(m.detach()) if _use_newton_schulz(m) else None
         if result is None:
-            dev = _decomposition_device(m.device)
-            result = _nuclear_and_polar(m.detach().to(device=dev, dtype=_F64), polar_dtype=m.dtype)
+            result = _nuclear_and_polar(_as_f64(m.detach()), polar_dtype=m.dtype)
         nuc, polar = result
         ctx.save_for_backward(polar.to(device=m.device, dtype=m.dtype))
-        return nuc.to(m.device)
+        return nuc  # float64, on the float64 device
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor) -> Tensor:
         (polar,) = ctx.saved_tensors
-        return g.to(polar.dtype) * polar
+        return g.to(device=polar.device, dtype=polar.dtype) * polar
 
 
 class _NuclearNormXtY(torch.autograd.Function):
@@ -395,13 +553,12 @@ class _NuclearNormXtY(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor) -> Tensor:
-        dev = _decomposition_device(x.device)
-        q1, r1 = torch.linalg.qr(x.detach().to(device=dev, dtype=_F64).mT)
-        q2, r2 = torch.linalg.qr(y.detach().to(device=dev, dtype=_F64).mT)
+        q1, r1 = torch.linalg.qr(_as_f64(x.detach()).mT)
+        q2, r2 = torch.linalg.qr(_as_f64(y.detach()).mT)
         nuc, pc = _nuclear_and_polar(r1 @ r2.mT)
         ctx.save_for_backward(q1, r1, q2, r2, pc)
         ctx.out = (x.device, x.dtype, y.dtype)
-        return nuc.to(x.device)
+        return nuc  # float64, on the float64 device
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -442,11 +599,16 @@ def nuclear_norm(m: Tensor) -> Tensor:
     if m.numel() == 0:
         return m.new_zeros((), dtype=_compute_dtype(m))
     dtype = _compute_dtype(m)
-    return _NuclearNorm.apply(m.to(dtype)).to(dtype)
+    return _result(_NuclearNorm.apply(m.to(dtype)), m.device, dtype)
 
 
 # --------------------------------------------------------------------------------------------
 # distances
+
+
+def _result(t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    # the dtype first: a float64 statistic kept on the CPU for an MPS input cannot go there as float64
+    return t.to(dtype=dtype).to(device=device)
 
 
 def _clamp_keep_grad(t: Tensor, lo: float, hi: float) -> Tensor:
@@ -476,7 +638,7 @@ def procrustes_distance(x: Tensor, y: Tensor, *, angular: bool = False) -> Tenso
     arXiv:2509.25253; Williams et al. (2021).
     """
     x, y = _check_pair(x, y)
-    return _procrustes_distance(x, y, angular=angular).to(x.dtype)
+    return _result(_procrustes_distance(x, y, angular=angular), x.device, x.dtype)
 
 
 def _procrustes_distance(
@@ -485,7 +647,7 @@ def _procrustes_distance(
     """Body of :func:`procrustes_distance` on checked inputs; ``reduce``/``n`` as in :func:`_centre`."""
     dist = _procrustes(x, y, reduce, n)
     if x.dtype != _F64 and float(dist.detach()) < _REFINE_BELOW * 2.0:
-        dist = _procrustes(x.to(_F64), y.to(_F64), reduce, n)
+        dist = _procrustes(_as_f64(x), _as_f64(y), reduce, n)
     dist = _clamp_keep_grad(dist, 0.0, 2.0)
     if angular:
         dist = 2.0 * torch.asin((_SafeSqrt.apply(dist) / 2.0).clamp_max(math.sqrt(0.5)))
@@ -493,15 +655,15 @@ def _procrustes_distance(
 
 
 def _procrustes(x: Tensor, y: Tensor, reduce: Reduce | None = None, n: int | None = None) -> Tensor:
-    xc, nx = _centre(x, "x", reduce, n)
-    yc, ny = _centre(y, "y", reduce, n)
+    xc, nx, _ = _centre(x, "x", reduce, n)
+    yc, ny, _ = _centre(y, "y", reduce, n)
     # with reduce: the d_s x d_t cross-covariance summed over every process's rows
     nuc = _nuclear_norm_xty(xc, yc) if reduce is None else _NuclearNorm.apply(reduce(xc.mT @ yc))
     return 2.0 - 2.0 * _safe_ratio(nuc, nx * ny)
 
 
-def _sq_fro(m: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(m, dtype=_F64).square()
+def _fro64(m: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(_as_f64(m))
 
 
 def _products(xc: Tensor, yc: Tensor, reduce: Reduce | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -521,26 +683,26 @@ def gram_distance(x: Tensor, y: Tensor) -> Tensor:
     Paper: D_FG in arXiv:2509.25253.
     """
     x, y = _check_pair(x, y)
-    return _gram_distance(x, y).to(x.dtype)
+    return _result(_gram_distance(x, y), x.device, x.dtype)
 
 
 def _gram_distance(x: Tensor, y: Tensor, *, reduce: Reduce | None = None, n: int | None = None) -> Tensor:
     """Body of :func:`gram_distance` on checked inputs; ``reduce``/``n`` as in :func:`_centre`."""
     dist, scale = _gram(x, y, reduce, n)
     if x.dtype != _F64 and float(dist.detach()) < _REFINE_BELOW * float(scale):
-        dist, _ = _gram(x.to(_F64), y.to(_F64), reduce, n)
+        dist, _ = _gram(_as_f64(x), _as_f64(y), reduce, n)
     return _clamp_keep_grad(dist, 0.0, 2.0)
 
 
 def _gram(x: Tensor, y: Tensor, reduce: Reduce | None = None, n: int | None = None) -> tuple[Tensor, Tensor]:
     """``(D_FG, ||X~^T X~||^2 + ||Y~^T Y~||^2)`` in float64 from products in ``x.dtype``."""
-    xc, nx = _centre(x, "x", reduce, n)
-    yc, ny = _centre(y, "y", reduce, n)
+    xc, nx, _ = _centre(x, "x", reduce, n)
+    yc, ny, _ = _centre(y, "y", reduce, n)
     a, b, c = _products(xc, yc, reduce)
     nx2, ny2 = nx.square(), ny.square()
-    xx = _safe_ratio(_sq_fro(a), nx2.square())
-    yy = _safe_ratio(_sq_fro(b), ny2.square())
-    xy = _safe_ratio(_sq_fro(c), nx2 * ny2)
+    xx = _safe_ratio(_fro64(a).square(), nx2.square())
+    yy = _safe_ratio(_fro64(b).square(), ny2.square())
+    xy = _safe_ratio(_fro64(c).square(), nx2 * ny2)
     return xx + yy - 2.0 * xy, (xx + yy).detach()
 
 
@@ -554,26 +716,25 @@ def cka(x: Tensor, y: Tensor) -> Tensor:
     ``x`` (n, d_s), ``y`` (n, d_t) -> 0-dim tensor.
     """
     x, y = _check_pair(x, y)
-    return _cka(x, y).to(x.dtype)
+    return _result(_cka(x, y), x.device, x.dtype)
 
 
 def _cka(x: Tensor, y: Tensor, *, reduce: Reduce | None = None, n: int | None = None) -> Tensor:
     """Linear CKA on checked inputs, refined where ``1 - cka`` would cancel."""
     sim = _cka_value(x, y, reduce, n)
     if x.dtype != _F64 and 1.0 - float(sim.detach()) < _REFINE_BELOW:
-        sim = _cka_value(x.to(_F64), y.to(_F64), reduce, n)
+        sim = _cka_value(_as_f64(x), _as_f64(y), reduce, n)
     return _clamp_keep_grad(sim, 0.0, 1.0)
 
 
 def _cka_value(x: Tensor, y: Tensor, reduce: Reduce | None = None, n: int | None = None) -> Tensor:
-    xc, _ = _centre(x, "x", reduce, n)
-    yc, _ = _centre(y, "y", reduce, n)
+    xc, _, _ = _centre(x, "x", reduce, n)
+    yc, _, _ = _centre(y, "y", reduce, n)
     a, b, c = _products(xc, yc, reduce)
-    den = torch.linalg.vector_norm(a, dtype=_F64) * torch.linalg.vector_norm(b, dtype=_F64)
-    return _safe_ratio(_sq_fro(c), den)
+    return _safe_ratio(_fro64(c).square(), _fro64(a) * _fro64(b))
 
 
 def cka_distance(x: Tensor, y: Tensor) -> Tensor:
     """``1 - cka(x, y)``, in ``[0, 1]``; 0 iff ``Y = c X Q``. Same shapes and numerics as :func:`cka`."""
     x, y = _check_pair(x, y)
-    return (1.0 - _cka(x, y)).to(x.dtype)
+    return _result(1.0 - _cka(x, y), x.device, x.dtype)
