@@ -71,21 +71,77 @@ def test_similarity_of_a_model_with_itself_is_perfect_on_the_diagonal(assets, tm
 
 
 @pytest.mark.parametrize(
-    "override, message",
+    "overrides, message",
     [
-        ("train.lrate=0.1", "unknown key train.lrate"),
-        ("losses.0.name=kl", "losses[0].name: unknown loss 'kl'"),
-        ("losses.1.layers=[[1, 9]]", "teacher layer 9 is out of range"),
+        (["train.lrate=0.1"], "unknown key train.lrate"),
+        (["losses.0.name=kl"], "losses[0].name: unknown loss 'kl'"),
+        (["losses.1.layers=[[1, 9]]"], "teacher layer 9 is out of range"),
+        (["losses=[{name: kd"], "--set losses: '[{name: kd' is not valid YAML: expected ',' or '}'"),
+        (["data.max_train=0"], "data.max_train: must be at least 1, got 0"),
+        (["student.num_heads=3"], "student: hidden_size=16 is not divisible by num_heads=3"),
+        (["teacher.name=no/such/teacher"], "teacher.name: could not load 'no/such/teacher'"),
+        (["student.init=pretrained", "student.name=no/such/student"], "student.name: could not load"),
     ],
 )
 def test_errors_are_one_line_naming_the_field(
-    assets, tmp_path, capsys, monkeypatch, override, message
+    assets, tmp_path, capsys, monkeypatch, overrides: list[str], message: str
 ) -> None:
     monkeypatch.delenv("GEODISTILL_DEBUG", raising=False)
     cfg = write_config(assets, tmp_path)
-    assert main(["distill", str(cfg), "--set", override, "--quiet"]) == 2
+    assert main(["distill", str(cfg), *(a for o in overrides for a in ("--set", o)), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_file_errors_are_one_line_naming_the_file(assets, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("GEODISTILL_DEBUG", raising=False)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  name: x\n  max_train: [1, 2\ntrain: {lr: 1}\n")
+    file_is_dir = tmp_path / "taken"
+    file_is_dir.write_text("a file where the run would go")
+    cfg = write_config(assets, tmp_path)
+    for argv, message in [
+        (["distill", str(bad)], f"{bad}:4:6: invalid YAML: expected ',' or ']', but got ':'"),
+        (["distill", str(cfg), "--set", f"output_dir={file_is_dir}"], f"output_dir: {file_is_dir} is a file"),
+        (["eval", str(tmp_path / "no-model"), str(cfg)], str(tmp_path / "no-model")),
+    ]:
+        assert main([*argv, "--quiet"]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_diverged_run_is_one_line_naming_the_checkpoint(assets, tmp_path, capsys, monkeypatch) -> None:
+    import dataclasses
+
+    import geodistill.losses as L
+
+    monkeypatch.delenv("GEODISTILL_DEBUG", raising=False)
+    spec = L.LOSSES["procrustes"]
+    monkeypatch.setitem(
+        L.LOSSES, "procrustes", dataclasses.replace(spec, fn=lambda x, y, **kw: spec.fn(x, y) * float("nan"))
+    )
+    cfg = write_config(assets, tmp_path)
+    assert main(["distill", str(cfg), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "step 1: loss term 'procrustes' is nan" in err and len(err.splitlines()) == 1, err
+
+
+def test_finetune_caches_the_teacher(assets, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("GEODISTILL_CACHE", str(tmp_path / "cache"))
+    cfg = write_config(assets, tmp_path)
+    argv = ["finetune", str(cfg), "--set", "teacher_train.max_steps=2", "--set", "teacher_train.batch_size=8"]
+    assert main([*argv, "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    teacher = Path(out["teacher_dir"])
+    assert (
+        teacher.is_relative_to(tmp_path / "cache" / "teachers") and (teacher / "model.safetensors").is_file()
+    )
+    assert set(out["dev"]) >= {"accuracy"} and set(out["test"]) >= {"accuracy"}
+    results = teacher.parent / "results.json"
+    assert json.loads(results.read_text())["steps"] == 2
+    stamp = results.stat().st_mtime_ns
+    assert main([*argv, "--quiet"]) == 0  # cached: the same teacher, not trained again
+    assert json.loads(capsys.readouterr().out) == out and results.stat().st_mtime_ns == stamp
 
 
 def test_missing_config_file(capsys, monkeypatch) -> None:

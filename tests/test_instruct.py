@@ -499,6 +499,46 @@ def test_setup_errors_name_the_field(assets, tmp_path: Path) -> None:
     err(r"student\.name: .* has another tokenizer", student={"init": "pretrained", "name": str(other)})
 
 
+def test_setup_errors_stop_before_the_teachers_sft(assets, tmp_path: Path, monkeypatch) -> None:
+    """teacher.finetune=true: every check runs on the teacher's config before its SFT (minutes)."""
+    import geodistill.finetune as finetune
+
+    calls: list = []
+
+    def refuse(cfg, **kw):
+        calls.append(cfg)
+        raise AssertionError("the teacher was fine-tuned before the config was checked")
+
+    monkeypatch.setattr(finetune, "finetuned_teacher", refuse)
+
+    def err(match: str, teacher: dict | None = None, **over: Any) -> None:
+        with pytest.raises(ConfigError, match=match):
+            setup(
+                make_cfg(assets, tmp_path, teacher={"finetune": True, **(teacher or {})}, **over),
+                progress=False,
+            )
+
+    err(r"^losses\[1\]\.layers\[0\]: teacher layer 9 is out of range", losses=[
+        {"name": "kd"}, {"name": "procrustes", "layers": [[1, 9]]}])  # fmt: skip
+    err(r"^student\.layers: layer index 7 is out of range", student={"layers": [0, 7]})
+    err(r"^student: hidden_size=30 is not divisible", student={"init": "config", "hidden_size": 30})
+    err(
+        rf"^losses\[0\] \(kd\): the teacher's logits cover {len(VOCAB)} tokens, the student's {len(VOCAB) + 8}",
+        teacher={"name": assets["opt"]},
+        student={"init": "pretrained", "name": assets["opt_other_vocab"]},
+    )
+    err(r"^data\.max_prompt_length \(40\)", data={"max_prompt_length": 40})
+    err(r"^teacher\.name: could not load", teacher={"name": str(tmp_path / "no-such-teacher")})
+    assert not calls
+
+    # the control: a valid config reaches the SFT and trains with the teacher it returns
+    monkeypatch.setattr(
+        finetune, "finetuned_teacher", lambda cfg, **kw: calls.append(cfg) or Path(assets["llama"])
+    )
+    run = setup(make_cfg(assets, tmp_path / "ok", teacher={"finetune": True}), progress=False)
+    assert len(calls) == 1 and run.teacher is not None and not run.teacher.training
+
+
 def test_a_loaded_teacher_can_be_passed_in(assets, tmp_path: Path) -> None:
     cfg = make_cfg(assets, tmp_path, losses=[{"name": "kd"}], teacher={"finetune": True})
     teacher = tiny_lm("llama", seed=9)

@@ -8,7 +8,9 @@ with one line naming the field or file.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 
 from conftest import make_cfg
 from geodistill.config import ConfigError, DistillConfig, from_dict, load_config, to_dict
+from geodistill.losses import LOSSES
 from geodistill.train import TrainingDiverged, setup, train
 
 TEACHER = "teacher_dropout"  # dropout on: the RNG state must resume too
@@ -258,6 +261,126 @@ def test_bad_student_names_its_field(assets, tmp_path, overrides: list[str], mat
     with pytest.raises(ConfigError, match=match):
         setup(make_cfg(assets, tmp_path / "run", *overrides), progress=False)
     assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def no_finetune(monkeypatch) -> list:
+    """Make the teacher's fine-tune fail the test if it runs; returns the calls that reached it."""
+    import geodistill.finetune as finetune
+
+    calls: list = []
+
+    def refuse(cfg, **kw):
+        calls.append(cfg)
+        raise AssertionError("the teacher was fine-tuned before the config was checked")
+
+    monkeypatch.setattr(finetune, "finetuned_teacher", refuse)
+    return calls
+
+
+def other_tokenizer_student(root: Path, extra: str = "w-extra") -> Path:
+    """A pretrained 2-layer student whose tokenizer has one more word than the teacher's."""
+    from conftest import tiny_bert, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.add_tokens([extra])
+    tiny_bert(layers=2, hidden=16).save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["losses.1.layers=[[1, 9]]"], r"^losses\[1\]\.layers\[0\]: teacher layer 9 is out of range"),
+        (["losses.1.layers=[[3, 1]]"], r"^losses\[1\]\.layers\[0\]: student layer 3 is out of range"),
+        (["student.num_heads=3"], r"^student: hidden_size=16 is not divisible by num_heads=3"),
+        (["student.init=layer_subset", "student.layers=[0, 7]"], r"^student\.layers: layer index 7"),
+        (["student.init=pretrained"], r"^student\.name: required"),
+        (["student.init=pretrained", "student.name=no/such/student"], r"^student\.name: could not load"),
+        (["teacher.name=no/such/teacher"], r"^teacher\.name: could not load"),
+        (["losses.0.name=kl"], r"^losses\[0\]\.name: unknown loss 'kl'"),
+    ],
+)
+def test_config_errors_stop_before_the_teachers_finetune(
+    assets, tmp_path, monkeypatch, overrides: list[str], match: str
+) -> None:
+    """teacher.finetune=true (the shipped default): the checks run on the teacher's config first."""
+    calls = no_finetune(monkeypatch)
+    cfg = make_cfg(assets, tmp_path / "run", "teacher.finetune=true", *overrides)
+    with pytest.raises(ConfigError, match=match):
+        setup(cfg, progress=False)
+    assert not calls
+
+
+def test_tokens_pooling_across_tokenizers_stops_before_the_finetune(assets, tmp_path, monkeypatch) -> None:
+    calls = no_finetune(monkeypatch)
+    student = other_tokenizer_student(tmp_path / "student")
+    over = ["teacher.finetune=true", "student.init=pretrained", f"student.name={student}"]
+    with pytest.raises(ConfigError, match=r"^losses\[1\]\.pooling: 'tokens' needs student and teacher"):
+        setup(make_cfg(assets, tmp_path / "run", *over, "losses.1.pooling=tokens"), progress=False)
+    assert not calls
+
+
+def test_a_valid_config_reaches_the_finetune_and_uses_its_teacher(assets, tmp_path, monkeypatch) -> None:
+    """The control for the tests above: checks that pass lead to the fine-tune, whose teacher is used."""
+    import geodistill.finetune as finetune
+
+    calls = []
+
+    def fake(cfg, **kw):
+        calls.append(cfg)
+        return assets["teacher_dropout"]  # stands in for the fine-tuned teacher
+
+    monkeypatch.setattr(finetune, "finetuned_teacher", fake)
+    r = setup(make_cfg(assets, tmp_path / "run", "teacher.finetune=true"), progress=False)
+    assert len(calls) == 1 and r.teacher.config.hidden_dropout_prob == 0.1
+    # the student is the one built without a fine-tune (the teacher's architecture is all it reads)
+    plain = setup(make_cfg(assets, tmp_path / "plain"), progress=False)
+    assert all(torch.equal(v, plain.student.state_dict()[k]) for k, v in r.student.state_dict().items())
+
+
+def test_pretrained_student_with_another_head_names_student_name(assets, tmp_path) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from conftest import VOCAB, tiny_tokenizer
+
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "three")
+    tiny_tokenizer().save_pretrained(tmp_path / "three")
+    over = ["student.init=pretrained", f"student.name={tmp_path / 'three'}"]
+    with pytest.raises(
+        ConfigError, match=r"^student\.name: .*three' has a classification head whose size differs"
+    ):
+        setup(make_cfg(assets, tmp_path / "run", *over), progress=False)
+
+
+def test_kd_with_a_passed_in_teacher_of_other_labels(assets, tmp_path) -> None:
+    """Students get the task's labels, as loaded and fine-tuned teachers do: only a teacher passed
+    in can disagree, and KD between them is refused naming the loss entry."""
+    from transformers import BertForSequenceClassification
+
+    other = BertForSequenceClassification.from_pretrained(
+        assets["teacher"], num_labels=3, ignore_mismatched_sizes=True
+    )
+    with pytest.raises(ConfigError, match=r"^losses\[0\] \(kd\): teacher has 3 labels, student 2"):
+        setup(make_cfg(assets, tmp_path / "run"), teacher_override=other, progress=False)
+
+
+def test_out_of_range_sizes_and_an_output_dir_that_is_a_file(assets, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"^data\.max_train: must be at least 1, got 0"):
+        make_cfg(assets, tmp_path / "run", "data.max_train=0")
+    with pytest.raises(ConfigError, match=r"^teacher_train\.grad_accum: must be at least 1, got 0"):
+        make_cfg(assets, tmp_path / "run", "teacher_train.grad_accum=0")
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"^output_dir: .*file is a file"):
+        setup(make_cfg(assets, tmp_path / "file"), progress=False)
 
 
 def test_labels_outside_label_set(assets, tmp_path) -> None:
@@ -576,3 +699,213 @@ def test_evaluation_in_length_order_and_best_dev_kept(assets, tmp_path) -> None:
     logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     at_best = next(row for row in logged if row["step"] == res["best_step"] and "dev/accuracy" in row)
     assert res["dev"] == {k[len("dev/") :]: v for k, v in at_best.items() if k.startswith("dev/")}
+
+
+# ----------------------------------------------------------------------------------------------
+# mixed precision
+
+
+def test_bf16_autocast_on_a_cpu_trains_with_accumulation(assets, tmp_path) -> None:
+    """train.mixed_precision=bf16 runs the student under bfloat16 autocast (also on a CPU); the losses
+    are computed in float32 and stay finite through accumulation and the gradient-cache pass. The
+    process trained in float32 before (as after a teacher's fine-tune): Accelerate lets it switch."""
+    from geodistill.config import TrainConfig
+    from geodistill.train import _accelerator
+
+    _accelerator(TrainConfig(device="cpu", mixed_precision="no"))
+    cfg = make_cfg(
+        assets,
+        tmp_path / "run",
+        "train.mixed_precision=bf16",
+        "train.device=cpu",
+        "train.max_steps=3",
+        "train.batch_size=4",
+        "train.grad_accum=2",
+    )
+    r = setup(cfg, progress=False)
+    forward, dtypes = r.task.forward, set()
+
+    def recorded(model, batch, taps, **kw):
+        out = forward(model, batch, taps, **kw)
+        dtypes.add(out.logits.dtype)
+        return out
+
+    r.task.forward = recorded
+    results = train(r, progress=False)
+    assert torch.bfloat16 in dtypes  # autocast really was on
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [v for row in rows for k, v in row.items() if k.startswith("loss/")]
+    assert results["steps"] == 3 and len(losses) == 6
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses)
+
+
+KD = LOSSES["kd"]  # as shipped (the tests below patch the registry)
+
+
+class Blow(torch.autograd.Function):
+    """The identity forward, an infinite gradient backward: an fp16 overflow, made to order."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def overflow_at(monkeypatch, steps: set[int] | None) -> None:
+    """KD's gradient overflows on the optimiser steps in ``steps`` (all when None); its value stays finite."""
+    import geodistill.losses as L
+
+    spec, calls = KD, {"n": 0}
+
+    def kd(s, t, **kw):
+        calls["n"] += 1  # one call per step (no accumulation)
+        return spec.fn(Blow.apply(s) if steps is None or calls["n"] in steps else s, t, **kw)
+
+    monkeypatch.setitem(L.LOSSES, "kd", replace(spec, fn=kd))
+
+
+def scaled_accelerators(monkeypatch, cuda: bool) -> list:
+    """Every Accelerator the trainer makes, recorded; on a CPU a float32 one with a real GradScaler
+    attached, unscaling as Accelerate does under fp16 on a GPU (the trainer's fp16 path, no GPU)."""
+    import geodistill.train as T
+
+    made, real = [], T._accelerator
+
+    def make(cfg):
+        if cuda:
+            made.append(real(cfg))
+            return made[-1]
+        acc = real(replace(cfg, mixed_precision="no"))
+        acc.scaler = torch.amp.GradScaler(
+            "cpu", init_scale=2.0**8
+        )  # before prepare(): its optimizer steps with it
+
+        def unscale_gradients(optimizer=None) -> None:
+            for opt in acc._optimizers:
+                acc.scaler.unscale_(opt.optimizer)
+
+        acc.unscale_gradients = unscale_gradients
+        made.append(acc)
+        return acc
+
+    monkeypatch.setattr(T, "_accelerator", make)
+    return made
+
+
+@pytest.mark.parametrize(
+    "cuda",
+    [
+        False,
+        pytest.param(True, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 needs CUDA")),
+    ],
+    ids=["cpu-grad-scaler", "cuda-fp16"],
+)
+def test_fp16_overflow_is_skipped_by_the_grad_scaler(assets, tmp_path, monkeypatch, cuda: bool) -> None:
+    """An overflowing step is skipped and the loss scale halved; training goes on (no divergence),
+    and the scale reached is checkpointed and restored on resume."""
+    made = scaled_accelerators(monkeypatch, cuda)
+    overflow_at(monkeypatch, {3})
+    common = ["train.mixed_precision=fp16", "train.max_steps=6", "train.save_every=2", "train.eval_every=6"]
+    common += [f"train.device={'cuda' if cuda else 'cpu'}"]
+    r = setup(make_cfg(assets, tmp_path / "run", *common), progress=False)
+    seen = []
+
+    def record(event: str, state: dict) -> None:
+        seen.append((made[-1].scaler.get_scale(), weights(r.student.model)))
+
+    results = train(r, callbacks=[record], progress=False)
+    assert made[-1].scaler is not None and results["steps"] == 6
+    scales = [scale for scale, _ in seen]
+    assert scales[2] == scales[1] / 2 and scales[3:] == [scales[2]] * 3  # halved once, at step 3
+    moved = [any(not torch.equal(a[k], b[k]) for k in a) for (_, a), (_, b) in itertools.pairwise(seen)]
+    assert moved == [True, False, True, True, True]  # step 3 (seen[1] -> seen[2]) changed nothing
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    overflowed = [not math.isfinite(row["grad_norm"]) for row in log if "grad_norm" in row]
+    assert overflowed == [False, False, True, False, False, False]
+    state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
+    assert state["scaler"]["scale"] == scales[-1]
+
+    # interrupted after step 4 (checkpoint with the halved scale) and resumed: the scale is restored
+    cfg_b = make_cfg(assets, tmp_path / "b", *common)
+    overflow_at(monkeypatch, {3})
+    interrupt(cfg_b, at_step=5)
+    overflow_at(monkeypatch, set())
+    rb, _ = run(cfg_b)
+    assert made[-1].scaler.get_scale() == scales[-1]
+    assert all(torch.equal(v, seen[-1][1][k]) for k, v in weights(rb.student.model).items())
+
+
+def test_persistent_overflow_is_divergence(assets, tmp_path, monkeypatch) -> None:
+    import geodistill.train as T
+
+    made = scaled_accelerators(monkeypatch, cuda=False)
+    overflow_at(monkeypatch, None)
+    monkeypatch.setattr(T, "MAX_OVERFLOW_STEPS", 3)
+    cfg = make_cfg(
+        assets, tmp_path / "run", "train.mixed_precision=fp16", "train.save_every=1", "train.device=cpu"
+    )
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"step 3: gradient norm is (inf|nan) for 3 steps in a row \(fp16 loss scale now 32\)",
+    ):
+        run(cfg)
+    assert made[-1].scaler.get_scale() == 2.0**8 / 2**3
+    # without a grad scaler (float32) the first non-finite gradient stops the run
+    monkeypatch.undo()
+    overflow_at(monkeypatch, {2})
+    with pytest.raises(TrainingDiverged, match=r"step 2: gradient norm is (inf|nan); .*step 1"):
+        run(make_cfg(assets, tmp_path / "fp32", "train.save_every=1"))
+
+
+# ----------------------------------------------------------------------------------------------
+# the saved student, in a process that never imports geodistill
+
+
+def test_trained_student_loads_in_a_fresh_process_without_geodistill(assets, tmp_path) -> None:
+    """The best student of a run with projection heads (proj_mse and pkd) is a plain transformers
+    directory: it loads in `python -I` with transformers alone, holds no head, and computes what
+    the trainer's student computed."""
+    import subprocess
+    import sys
+    import textwrap
+
+    cfg = make_cfg(
+        assets,
+        tmp_path / "run",
+        "losses=[{name: kd}, {name: proj_mse, layers: uniform}, {name: pkd}]",
+        "train.max_steps=2",
+    )
+    r, res = run(cfg)
+    assert res["best_step"] == 2 and len(r.student.projectors) == 2 + 2  # heads were trained
+    best = Path(res["student_dir"])
+    ids = r.task.collate([r.task.dataset("dev")[i] for i in range(4)])
+    inputs = {k: ids[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in ids}
+    with torch.no_grad():
+        expected = r.student.model.eval()(**inputs).logits
+    torch.save({"inputs": inputs, "expected": expected}, tmp_path / "ref.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from safetensors import safe_open
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        best = {str(best)!r}
+        ref = torch.load({str(tmp_path / "ref.pt")!r})
+        model = AutoModelForSequenceClassification.from_pretrained(best).eval()
+        tok = AutoTokenizer.from_pretrained(best)
+        with safe_open(best + "/model.safetensors", "pt") as f:
+            keys = list(f.keys())
+        assert keys and not any("projector" in k for k in keys), keys
+        assert set(keys) <= set(model.state_dict()), set(keys) - set(model.state_dict())
+        with torch.no_grad():
+            assert torch.equal(model(**ref["inputs"]).logits, ref["expected"])
+        assert tok("w5 w7").input_ids[1:3] == [9, 11], tok("w5 w7").input_ids
+        assert not [m for m in sys.modules if m.startswith("geodistill")]
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")

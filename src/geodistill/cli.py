@@ -2,7 +2,8 @@
 
 Configs are YAML files (or the name of a config shipped in ``geodistill/configs``) plus
 ``--set key=value`` overrides; unknown keys are errors. Errors in configs and inputs print one
-line naming the field or file and exit with status 2.
+line naming the field or file and exit with status 2; a run that diverges (NaN/inf) prints one
+line naming its last good checkpoint and exits with status 1. ``GEODISTILL_DEBUG=1`` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -303,8 +304,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from geodistill.assets import AssetError
-    from geodistill.config import ConfigError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -314,13 +313,32 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `geodistill ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ConfigError, AssetError, ValueError, FileNotFoundError) as e:
-        # config and input errors (data files, labels, layer indices): one line naming the culprit;
-        # GEODISTILL_DEBUG=1 shows the traceback
-        if os.environ.get("GEODISTILL_DEBUG"):
+    except Exception as e:
+        # config and input errors (data files, labels, layer indices, model directories) and a
+        # diverged run: one line naming the culprit; GEODISTILL_DEBUG=1 shows the traceback
+        diverged = _diverged(e)
+        if os.environ.get("GEODISTILL_DEBUG") or not (diverged or _bad_input(e)):
             raise
-        print(f"geodistill {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        print(f"geodistill {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1 if diverged else 2
+
+
+def _bad_input(e: BaseException) -> bool:
+    from geodistill.assets import AssetError
+
+    # ConfigError is a ValueError; OSError covers missing files, model directories and an
+    # output_dir that cannot be written
+    return isinstance(e, AssetError | ValueError | OSError)
+
+
+def _diverged(e: BaseException) -> bool:
+    train = sys.modules.get("geodistill.train")  # imported by whatever trained (not for cheap commands)
+    return train is not None and isinstance(e, train.TrainingDiverged)
+
+
+def _one_line(e: BaseException) -> str:
+    """The message on one line (libraries' messages, quoted inside ours, may run over several)."""
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 def _close_process_group() -> None:

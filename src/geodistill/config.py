@@ -196,7 +196,10 @@ class TrainConfig:
     )
     max_grad_norm: float | None = _help("clip the gradient norm (None: no clipping)", default=1.0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _help(
-        "autocast precision: auto = bf16 on a GPU that supports it, else no", default="auto"
+        "autocast precision: auto = bf16 on a GPU that supports it, else no; bf16 also works on a CPU; fp16 "
+        "(GPU only) adds a loss scaler: a step whose gradients overflow is skipped and the scale lowered, and "
+        "only 20 such steps in a row stop the run",
+        default="auto",
     )
     eval_every: int | None = _help("evaluate on dev every N steps (default: once per epoch)", default=None)
     eval_batch_size: int = _help("examples per evaluation batch", default=64)
@@ -264,6 +267,23 @@ class DistillConfig:
     )
     output_dir: str = _help("directory for checkpoints, logs and the final student", default="runs/distill")
     overwrite: bool = _help("reuse an output directory that holds another run's files", default=False)
+
+
+#: the smallest value of integer fields whose type alone allows nonsense (a batch of 0 examples);
+#: None stays allowed where the type allows it. Checked when a config is read, naming the key
+MINIMUM: dict[type, dict[str, int]] = {
+    DataConfig: {"max_train": 1, "max_eval": 1, "max_length": 1, "max_per_task": 1},
+    TrainConfig: {
+        "batch_size": 1,
+        "grad_accum": 1,
+        "eval_batch_size": 1,
+        "eval_every": 1,
+        "save_every": 1,
+        "log_every": 1,
+        "num_workers": 0,
+        "threads": 1,
+    },
+}
 
 
 # ------------------------------------------------------------------------------------------
@@ -353,6 +373,10 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
             kwargs[name] = _convert(data[name], hints[name], sub)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{sub}: required")
+    for name, least in MINIMUM.get(cls, {}).items():
+        value = kwargs.get(name)
+        if value is not None and value < least:
+            raise ConfigError(f"{f'{path}.' if path else ''}{name}: must be at least {least}, got {value}")
     return cls(**kwargs)
 
 
@@ -447,6 +471,14 @@ def _yaml():
     return yaml
 
 
+def _yaml_error(e: Exception) -> tuple[str, str]:
+    """PyYAML's error on one line (its own message runs over several): ``(":LINE:COLUMN", what)``."""
+    mark, problem, context = (getattr(e, a, None) for a in ("problem_mark", "problem", "context"))
+    where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    what = (problem or " ".join(str(e).split())) + (f" ({context})" if context else "")
+    return where, what
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -462,7 +494,8 @@ def read_yaml(path: str | Path) -> dict:
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
     except _yaml().YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        where, what = _yaml_error(e)
+        raise ConfigError(f"{path}{where}: invalid YAML: {what}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     includes = data.pop("include", [])
@@ -510,7 +543,10 @@ def apply_overrides(data: dict, overrides: list[str], flat: tuple[str, ...] = ()
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         key = key.strip()
-        value = _yaml().safe_load(raw) if raw.strip() else ""
+        try:
+            value = _yaml().safe_load(raw) if raw.strip() else ""
+        except _yaml().YAMLError as e:
+            raise ConfigError(f"--set {key}: {raw!r} is not valid YAML: {_yaml_error(e)[1]}") from e
         prefix = next((p for p in flat if key.startswith(p) and len(key) > len(p)), None)
         keys = None if prefix is None else [*prefix[:-1].split("."), key[len(prefix) :]]
         _set_path(data, key, value, keys)

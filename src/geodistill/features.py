@@ -25,10 +25,18 @@ def resolve_layer_pairs(
 ) -> tuple[tuple[int, int], ...]:
     """Turn a layer spec into ``((student_index, teacher_index), ...)``.
 
-    ``'last'``: the last layers of both. ``'uniform'``: every student layer ``i`` (1..L_s) with
-    teacher layer ``round(i * L_t / L_s)`` (the PKD/DistilBERT "skip" map, ending at the last).
-    A list of ``[s, t]`` pairs: explicit hidden-state indices in ``0..L`` (0 = embeddings;
-    negative indices count from the end). Raises ``ValueError`` naming ``where`` and the bad index.
+    Indices are hidden-state indices: 0 is the embedding output, ``L`` the last layer's.
+
+    * ``'last'`` (or None): ``((L_s, L_t),)``.
+    * ``'uniform'``: every student layer ``i = 1..L_s`` with teacher layer ``round(i * L_t / L_s)``,
+      Python's ``round`` (half to even): PKD's "skip" map (Sun et al. 2019), which for
+      ``L_t = k * L_s`` is ``i -> k * i`` and always ends at the last layers. Where ``i * L_t / L_s``
+      falls half-way it goes to the even layer: 4 student layers on 6 give 2, 3, 4, 6 (ceil would
+      give 2, 3, 5, 6; floor 1, 3, 4, 6). Kept so because recorded experiments used it.
+    * a list of ``[s, t]`` pairs: explicit indices in ``0..L``, or negative ones counting from
+      the end (``-1`` = ``L``, ``-(L + 1)`` = 0), returned non-negative.
+
+    Raises ``ValueError`` naming ``where`` (and the pair) for an index out of range or a malformed spec.
     """
     if spec is None or spec == "last":
         return ((n_student, n_teacher),)
@@ -40,7 +48,11 @@ def resolve_layer_pairs(
         )
     pairs = []
     for k, pair in enumerate(spec):
-        if not (isinstance(pair, Sequence) and len(pair) == 2 and all(isinstance(i, int) for i in pair)):
+        if not (
+            isinstance(pair, Sequence)
+            and len(pair) == 2
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in pair)
+        ):
             raise ValueError(
                 f"{where}[{k}]: expected a [student_layer, teacher_layer] pair of integers, got {pair!r}"
             )

@@ -774,19 +774,34 @@ def setup_instruction(
 
     # teacher: optionally fine-tuned on the answers first (cached), frozen, in its configured dtype
     teacher_name = cfg.teacher.name
-    teacher_tok = models.load_tokenizer(cfg.teacher.name)
+    try:
+        teacher_tok = models.load_tokenizer(cfg.teacher.name)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"teacher.name: {e}") from e
     teacher = teacher_override
-    if teacher is None and (needs_teacher or seq_kd):
-        if cfg.teacher.finetune:
-            from geodistill.finetune import finetuned_teacher
-
-            teacher_name = str(finetuned_teacher(cfg, progress=progress))
-        try:
-            teacher = models.load_causal_lm(teacher_name, dtype=_dtype(cfg.teacher.dtype))
-        except ValueError as e:
-            raise ConfigError(f"teacher.name: {e}") from e
     if teacher is not None:
-        teacher.eval().requires_grad_(False)
+        teacher.eval().requires_grad_(False)  # a teacher passed in is used as given, frozen
+    wants_teacher = teacher is None and (needs_teacher or seq_kd)
+    finetune = wants_teacher and cfg.teacher.finetune
+
+    def load_teacher(name: str) -> nn.Module:
+        try:
+            model = models.load_causal_lm(name, dtype=_dtype(cfg.teacher.dtype))
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"teacher.name: {e}") from e
+        return model.eval().requires_grad_(False)
+
+    def teacher_config() -> Any:
+        try:
+            return AutoConfig.from_pretrained(models.resolve_model(cfg.teacher.name))
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"teacher.name: {e}") from e
+
+    if wants_teacher and not finetune:
+        teacher = load_teacher(teacher_name)
+    # what the checks below compare the student with: the teacher, or, before its fine-tune (minutes),
+    # its config (the fine-tuned teacher has the same architecture), so config errors stop the run first
+    teacher_arch: Any = teacher if teacher is not None else (teacher_config() if finetune else None)
 
     # student: seeded init, sharing the teacher's tokenizer
     seed_everything(tcfg.seed)
@@ -809,7 +824,7 @@ def setup_instruction(
         s,
         load=load_pretrained,
         teacher_model=teacher_weights,
-        teacher_config=lambda: AutoConfig.from_pretrained(models.resolve_model(cfg.teacher.name)),
+        teacher_config=teacher_config,
         layers_example="[0, 6, 12, 18, 24, 29]",
         task="causal-lm",
         tokenizer=teacher_tok,
@@ -817,27 +832,29 @@ def setup_instruction(
     tokenizer = teacher_tok
     if s.init == "pretrained":
         tokenizer = models.load_tokenizer(s.name)
-        if (teacher is not None or seq_kd) and tokenizer.get_vocab() != teacher_tok.get_vocab():
+        if (teacher_arch is not None or seq_kd) and tokenizer.get_vocab() != teacher_tok.get_vocab():
             raise ConfigError(
                 f"student.name: {s.name!r} has another tokenizer than teacher.name {cfg.teacher.name!r}; "
                 "token-level distillation needs one tokenizer"
             )
     student_model.float().requires_grad_(True)
     check_answer_logits(student_model, "student")
-    if teacher is not None:
-        check_answer_logits(teacher, "teacher.name")
 
-    # vocabulary and layer checks, naming the loss entry (before any costly generation)
-    for i, term in enumerate(terms):
-        if term.name == "kd" and teacher is not None:
-            vt, vs = answer_vocab(teacher), answer_vocab(student_model)
-            if vt != vs:
-                raise ConfigError(
-                    f"losses[{i}] (kd): the teacher's logits cover {vt} tokens, the student's {vs}; "
-                    "logit KD needs identical vocabularies (a student of the teacher's family, or drop kd)"
-                )
-    pairs = feature_pairs(terms, student_model, teacher)
+    def check_teacher(arch: Any) -> dict[str, tuple[tuple[int, int], ...]]:
+        """Vocabulary and layer checks against the teacher (or its config), naming the loss entry."""
+        if isinstance(arch, nn.Module):
+            check_answer_logits(arch, "teacher.name")
+        for i, term in enumerate(terms):
+            if term.name == "kd" and arch is not None:
+                vt, vs = answer_vocab(arch), answer_vocab(student_model)
+                if vt != vs:
+                    raise ConfigError(
+                        f"losses[{i}] (kd): the teacher's logits cover {vt} tokens, the student's {vs}; "
+                        "logit KD needs identical vocabularies (a student of the teacher's family, or drop kd)"
+                    )
+        return feature_pairs(terms, student_model, arch)
 
+    pairs = check_teacher(teacher_arch)
     task = InstructionTask(
         data,
         tokenizer,
@@ -847,6 +864,13 @@ def setup_instruction(
         report=report,
         progress=progress,
     )
+    if finetune:
+        from geodistill.finetune import finetuned_teacher
+
+        teacher_name = str(finetuned_teacher(cfg, progress=progress))
+        teacher = load_teacher(teacher_name)
+        pairs = check_teacher(teacher)
+
     if seq_kd:
         assert teacher is not None
         key = {
@@ -885,9 +909,13 @@ def setup_instruction(
     )
 
 
-def answer_vocab(model: nn.Module) -> int:
-    """Width of a causal LM's logits (rows of its output embedding)."""
-    return int(model.get_output_embeddings().weight.shape[0])
+def answer_vocab(model: Any) -> int:
+    """Width of a causal LM's logits: rows of its output embedding; for a config (a model not yet
+    loaded), its ``vocab_size``, which those rows are built with."""
+    if isinstance(model, nn.Module):
+        return int(model.get_output_embeddings().weight.shape[0])
+    config = model.get_text_config() if hasattr(model, "get_text_config") else model
+    return int(config.vocab_size)
 
 
 # ------------------------------------------------------------------------------------------

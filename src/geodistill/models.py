@@ -50,7 +50,9 @@ from geodistill.assets import ASSETS, asset_path, cache_dir, file_lock
 __all__ = [
     "OFFLINE_MODELS",
     "SUPPORTED_ARCHITECTURES",
+    "HeadSizeError",
     "OfflineModel",
+    "classifier_config",
     "hidden_size",
     "layer_subset_student",
     "load_causal_lm",
@@ -310,6 +312,10 @@ def _quiet_load_report() -> Iterator[None]:
         target.removeFilter(hold)
 
 
+class HeadSizeError(RuntimeError):
+    """A checkpoint's classification head has another number of labels than the one asked for."""
+
+
 def load_classifier(
     name_or_path: str,
     num_labels: int,
@@ -331,6 +337,46 @@ def load_classifier(
             default ``LABEL_0 ...``.
         **kwargs: passed to ``from_pretrained`` (``dtype``, ``revision``, ``ignore_mismatched_sizes``...).
     """
+    labels = _label_fields(num_labels, label_names)
+    _offline_task_check(name_or_path, "classification")
+    try:
+        with _quiet_load_report():
+            model, info = _from_pretrained(
+                AutoModelForSequenceClassification,
+                name_or_path,
+                **labels,
+                output_loading_info=True,
+                **kwargs,
+            )
+    except RuntimeError as e:
+        if "ignore_mismatched_sizes" not in str(e):
+            raise
+        raise HeadSizeError(
+            f"{name_or_path!r} has a classification head whose size differs from num_labels={num_labels} "
+            "(see the load report above); pass ignore_mismatched_sizes=True to replace it with a new head"
+        ) from e
+    _summarise_head_init(model, name_or_path, info)
+    _pad_from_eos(model.config)
+    return model
+
+
+def classifier_config(
+    name_or_path: str, num_labels: int, label_names: Sequence[str] | None = None
+) -> PretrainedConfig:
+    """The config :func:`load_classifier` gives its model, read without loading any weights.
+
+    For checks and students that need only the architecture (layer count, widths, vocabulary)
+    before a model is loaded or fine-tuned: a fine-tuned copy of the checkpoint has this config.
+    """
+    labels = _label_fields(num_labels, label_names)
+    _offline_task_check(name_or_path, "classification")
+    config = _from_pretrained(AutoConfig, name_or_path, **labels)
+    _pad_from_eos(config)
+    return config
+
+
+def _label_fields(num_labels: int, label_names: Sequence[str] | None) -> dict[str, Any]:
+    """``num_labels``, ``id2label`` and ``label2id`` for ``from_pretrained``, checked."""
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
         raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
     if label_names is None:
@@ -341,31 +387,18 @@ def load_classifier(
             raise ValueError(f"label_names has {len(names)} names {names} but num_labels={num_labels}")
         if len(set(names)) != len(names):
             raise ValueError(f"label_names must be distinct, got {names}")
-    _offline_task_check(name_or_path, "classification")
-    try:
-        with _quiet_load_report():
-            model, info = _from_pretrained(
-                AutoModelForSequenceClassification,
-                name_or_path,
-                num_labels=num_labels,
-                id2label=dict(enumerate(names)),
-                label2id={n: i for i, n in enumerate(names)},
-                output_loading_info=True,
-                **kwargs,
-            )
-    except RuntimeError as e:
-        if "ignore_mismatched_sizes" not in str(e):
-            raise
-        raise RuntimeError(
-            f"{name_or_path!r} has a classification head whose size differs from num_labels={num_labels} "
-            "(see the load report above); pass ignore_mismatched_sizes=True to replace it with a new head"
-        ) from e
-    _summarise_head_init(model, name_or_path, info)
-    config = model.config
+    return {
+        "num_labels": num_labels,
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+    }
+
+
+def _pad_from_eos(config: PretrainedConfig) -> None:
+    """Decoder heads pool the last non-padding token: a config without a pad id gets the eos id."""
     if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
         eos = config.eos_token_id
         config.pad_token_id = eos[0] if isinstance(eos, list) else eos
-    return model
 
 
 def _summarise_head_init(model: PreTrainedModel, name_or_path: str, info: dict[str, Any]) -> None:

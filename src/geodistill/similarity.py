@@ -8,6 +8,7 @@ row per (layer_a, layer_b) and heatmap PNGs, one per measure.
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,10 @@ def layer_similarity(
 def write_similarity(
     rows: list[dict[str, Any]], out_dir: Path, *, label_a: str = "A", label_b: str = "B"
 ) -> list[Path]:
-    """Write ``similarity.csv`` and one heatmap PNG per measure; returns the written paths."""
+    """Write ``similarity.csv`` and one heatmap PNG per measure; returns the written paths.
+
+    Without matplotlib only the CSV is written, and one line on stderr says so.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "similarity.csv"]
     with open(paths[0], "w", newline="") as f:
@@ -91,6 +95,11 @@ def write_similarity(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print(
+            f"geodistill similarity: matplotlib is not installed, so no heatmaps were drawn (only {paths[0]}); "
+            "pip install matplotlib for them",
+            file=sys.stderr,
+        )
         return paths
     na, nb = 1 + max(r["layer_a"] for r in rows), 1 + max(r["layer_b"] for r in rows)
     for m in MEASURES:

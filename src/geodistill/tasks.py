@@ -8,9 +8,10 @@ masked out, so nothing below :mod:`geodistill.losses` knows about models.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,7 +230,8 @@ class TeacherCache:
             from tqdm.auto import tqdm
 
             iterator = tqdm(loader, desc="teacher outputs (cached once)", leave=False)
-        with torch.no_grad():
+        home = next(teacher.parameters()).device
+        with torch.no_grad(), _placed(teacher, device, home):
             for batch in iterator:
                 idx = batch["idx"]
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -284,6 +286,16 @@ class TeacherCache:
         return Outputs(
             logits=self.logits[idx].to(device), targets=batch["labels"], features=feats, count=len(idx)
         )
+
+
+@contextlib.contextmanager
+def _placed(model: nn.Module, device: torch.device, home: torch.device) -> Iterator[None]:
+    """``model`` on ``device`` while the block runs, then back on ``home`` (a no-op when they agree)."""
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(home)
 
 
 def cache_file(kind: str, parts: dict[str, Any]) -> Path:

@@ -12,7 +12,9 @@ second pass back-propagates their exact gradient: the "gradient cache" technique
 
 Runs resume exactly (model, projectors, optimiser, scheduler, RNG states, position in the data)
 from ``<output_dir>/checkpoint``; every loss term is logged on its own to ``log.jsonl``; a non-
-finite loss or gradient stops the run with the last good checkpoint kept.
+finite loss or gradient stops the run with the last good checkpoint kept. Under fp16 mixed
+precision an overflowing gradient is the grad scaler's business (the step is skipped and the loss
+scale lowered); only :data:`MAX_OVERFLOW_STEPS` overflows in a row stop the run.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import random
 import shutil
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -347,6 +350,8 @@ def _check_output_dir(out: Path, cfg: DistillConfig, kind: str) -> None:
 
 def _output_dir_action(out: Path, cfg: DistillConfig, kind: str) -> str:
     run_file = out / "run.json"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} is a file, not a directory; choose another output_dir")
     if not out.exists() or not any(out.iterdir()):
         return "fresh"
     if run_file.exists():
@@ -421,7 +426,7 @@ def build_student(
             raise ConfigError("student.name: required when student.init is 'pretrained'")
         try:
             return load(s.name)
-        except ValueError as e:
+        except (ValueError, OSError, models.HeadSizeError) as e:  # unknown name, unreadable, another head
             raise ConfigError(f"student.name: {e}") from e
     if s.init == "layer_subset":
         if not s.layers:
@@ -463,7 +468,10 @@ def setup(
     quiet_libraries()
     out = Path(cfg.output_dir)
     _check_output_dir(out, cfg, kind)
-    terms = resolve_losses(cfg.losses)
+    try:
+        terms = resolve_losses(cfg.losses)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if cfg.task != "classification":
         from geodistill.instruct import setup_instruction
 
@@ -485,50 +493,65 @@ def setup(
         label_column=cfg.data.label_column,
         label_names=cfg.data.label_names,
     )
-    num_labels = len(data.label_names)
+    num_labels, label_names = len(data.label_names), list(data.label_names)
     objective_needs_teacher = any(t.spec.inputs != "labels" for t in terms)
-
-    # teacher: fine-tuned on the task once (cached) when asked, frozen
-    teacher_name = cfg.teacher.name
-    teacher = teacher_override
-    if teacher is None and objective_needs_teacher:
-        if cfg.teacher.finetune:
-            from geodistill.finetune import finetuned_teacher
-
-            teacher_name = str(finetuned_teacher(cfg, progress=progress))
-        teacher = models.load_classifier(
-            teacher_name, num_labels=num_labels, label_names=list(data.label_names)
-        )
-    teacher_tok = models.load_tokenizer(cfg.teacher.name)
-
-    # student: seeded init, sharing the teacher's tokenizer unless pretrained
-    seed_everything(tcfg.seed)
+    has_teacher = teacher_override is not None or objective_needs_teacher
 
     def load_pretrained(name: str) -> nn.Module:
-        return models.load_classifier(name, num_labels=num_labels, label_names=list(data.label_names))
+        return models.load_classifier(name, num_labels=num_labels, label_names=label_names)
 
+    # teacher: fine-tuned on the task once (cached) when asked, frozen. One to be fine-tuned is
+    # checked by its architecture (its config: a fine-tuned copy has the same one) until after
+    # every check below, so a config error stops the run before the fine-tune (minutes), not after
+    teacher_name = cfg.teacher.name
+    teacher = teacher_override
+    finetune = teacher is None and objective_needs_teacher and cfg.teacher.finetune
+    try:
+        if teacher is None and objective_needs_teacher and not finetune:
+            teacher = load_pretrained(teacher_name)  # before the student's seed, as it always was
+        teacher_arch: Any = teacher.config if teacher is not None else None
+        if finetune:
+            teacher_arch = models.classifier_config(cfg.teacher.name, num_labels, label_names)
+        teacher_tok = models.load_tokenizer(cfg.teacher.name)
+    except (ValueError, OSError, models.HeadSizeError) as e:  # unknown name, unreadable, another head
+        raise ConfigError(f"teacher.name: {e}") from e
+
+    # student: seeded init, sharing the teacher's tokenizer unless pretrained. Without a teacher a
+    # config student reads the pretrained teacher's config from the loaded model, whose new head
+    # draws from the seeded RNG first: kept so that such runs keep their recorded results
+    seed_everything(tcfg.seed)
     student_model = build_student(
         cfg.student,
         load=load_pretrained,
         teacher_model=lambda: load_pretrained(cfg.teacher.name),
-        teacher_config=lambda: (teacher if teacher is not None else load_pretrained(cfg.teacher.name)).config,
+        teacher_config=lambda: (
+            teacher_arch if teacher_arch is not None else load_pretrained(cfg.teacher.name).config
+        ),
         layers_example="[0, 2, 4]",
         task="classification",
         num_labels=num_labels,
     )
     tokenizer = models.load_tokenizer(cfg.student.name) if cfg.student.init == "pretrained" else teacher_tok
-    task = ClassificationTask(
-        data, tokenizer, teacher_tok if teacher is not None else None, cfg.data.max_length
-    )
+    task = ClassificationTask(data, tokenizer, teacher_tok if has_teacher else None, cfg.data.max_length)
 
     # feature taps: layer pairs checked against both models
-    pairs = feature_pairs(terms, student_model, teacher, separate_teacher_inputs=task.separate_teacher_inputs)
-    if teacher is not None:
+    pairs = feature_pairs(
+        terms, student_model, teacher_arch, separate_teacher_inputs=task.separate_teacher_inputs
+    )
+    if teacher_arch is not None:
+        # students are built with the task's labels, as is a loaded or fine-tuned teacher: only a
+        # teacher passed in (teacher_override) can have another number
         for i, term in enumerate(terms):
-            if term.name == "kd" and teacher.config.num_labels != student_model.config.num_labels:
+            if term.name == "kd" and teacher_arch.num_labels != student_model.config.num_labels:
                 raise ConfigError(
-                    f"losses[{i}] (kd): teacher has {teacher.config.num_labels} labels, student {student_model.config.num_labels}"
+                    f"losses[{i}] (kd): teacher has {teacher_arch.num_labels} labels, student {student_model.config.num_labels}"
                 )
+    if finetune:
+        from geodistill.finetune import finetuned_teacher
+
+        teacher_name = str(finetuned_teacher(cfg, progress=progress))
+        teacher = load_pretrained(teacher_name)
+    if teacher is not None:
         teacher.eval().requires_grad_(False)
 
     objective = Objective(terms, pairs)
@@ -552,7 +575,7 @@ def setup(
                 teacher,
                 taps,
                 batch_size=tcfg.eval_batch_size,
-                device=torch.device("cpu") if tcfg.device is None else torch.device(tcfg.device),
+                device=torch.device(tcfg.device) if tcfg.device else process_state(tcfg).device,
                 path=cache_file("teacher_outputs", key),
                 progress=progress,
             )
@@ -588,11 +611,15 @@ def cached_taps(taps: list[Tap], teacher: nn.Module, n_examples: int) -> list[Ta
 def feature_pairs(
     terms: tuple[LossTerm, ...],
     student_model: nn.Module,
-    teacher: nn.Module | None,
+    teacher: Any,
     *,
     separate_teacher_inputs: bool = False,
 ) -> dict[str, tuple[tuple[int, int], ...]]:
-    """Layer pairs of every feature term, checked against both models; errors name the loss entry."""
+    """Layer pairs of every feature term, checked against both models; errors name the loss entry.
+
+    ``teacher``: the teacher model, or only its config (enough to check before it is loaded or
+    fine-tuned); None when the run has no teacher.
+    """
     from geodistill import models
 
     pairs: dict[str, tuple[tuple[int, int], ...]] = {}
@@ -693,11 +720,17 @@ def process_state(cfg: TrainConfig):
 
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     cpu = _use_cpu(cfg)
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if (not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()) else "no"
+    if AcceleratorState._shared_state.get("_mixed_precision", mp) != mp:
+        # Accelerate keeps one precision per process; a process that trains twice (a teacher's
+        # fine-tune, then the distillation) may need another: its state is renewed, the process
+        # group (PartialState) kept
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=cpu, mixed_precision=mp)
 
 
@@ -749,6 +782,11 @@ def _train(
     save_every = cfg.save_every or eval_every
 
     par = Parallel(acc, cfg.parallel)
+    if _scaler(acc) is not None and par.fsdp:
+        raise ConfigError(
+            "train.mixed_precision: fp16 needs a gradient scaler, which the fsdp path does not apply "
+            "(its optimiser is not Accelerate's); use bf16 with train.parallel=fsdp"
+        )
     student, optimizer = par.wrap(run.student, lambda module: _optimizer(module, cfg))
     scheduler = _schedule(getattr(optimizer, "optimizer", optimizer), cfg, total_steps)
     raw = par.unwrap(student)
@@ -782,6 +820,8 @@ def _train(
         par.load_model_state(raw, blob["student"])
         par.load_optimizer_state(raw, optimizer, blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
+        if _scaler(acc) is not None and "scaler" in blob:  # fp16: the loss scale it had reached
+            _scaler(acc).load_state_dict(blob["scaler"])
         state = blob["progress"]
         rngs = blob["rng"] if isinstance(blob["rng"], list) else [blob["rng"]]
         _set_rng_state(rngs[acc.process_index])
@@ -816,6 +856,7 @@ def _train(
 
     log_terms: dict[str, list[float]] = {}
     log_comm: list[float] = []  # bytes this rank sent per step in global-loss collectives
+    overflowed = 0  # fp16: steps in a row whose gradients overflowed (each skipped by the scaler)
     student.train()
     while state["step"] < total_steps:
         batches.set_epoch(state["epoch"])
@@ -835,7 +876,11 @@ def _train(
             values, grad_norm = _step(
                 acc, par, student, objective, group, teacher_outputs, optimizer, cfg, run.task
             )
-            scheduler.step()
+            with warnings.catch_warnings():
+                if _scaler(acc) is not None:  # its step() swaps optimizer.step, which torch takes for misuse
+                    warnings.filterwarnings("ignore", r"Seems like `optimizer.step\(\)` has been overridden")
+                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
+                scheduler.step()
             elapsed = time.perf_counter() - t0
             state["step"] += 1
             state["comm_bytes"] = state.get("comm_bytes", 0.0) + TRAFFIC.bytes - sent
@@ -844,8 +889,12 @@ def _train(
                 state["train_seconds"] += elapsed
                 state["timed_steps"] += 1
             bad = [k for k, v in values.items() if not math.isfinite(v)]
-            if bad or not math.isfinite(grad_norm):
+            overflowed = 0 if math.isfinite(grad_norm) else overflowed + 1
+            scaler = _scaler(acc)
+            if bad or (overflowed and (scaler is None or overflowed >= MAX_OVERFLOW_STEPS)):
                 what = f"loss term {bad[0]!r} is {values[bad[0]]}" if bad else f"gradient norm is {grad_norm}"
+                if not bad and scaler is not None:
+                    what += f" for {overflowed} steps in a row (fp16 loss scale now {scaler.get_scale():g})"
                 last = (
                     f"the last good checkpoint is {ckpt} (step {torch.load(ckpt, weights_only=False)['progress']['step']})"
                     if ckpt.exists()
@@ -898,6 +947,11 @@ def _train(
     if bar is not None:
         bar.close()
     return _finish(run, raw, state, acc, device)
+
+
+#: fp16: consecutive overflowing steps (each skipped, the loss scale halved) taken as divergence;
+#: a routine overflow recovers in one or two, and 20 halvings take the default scale 65536 below 1
+MAX_OVERFLOW_STEPS = 20
 
 
 def _step(
@@ -966,10 +1020,19 @@ def _step(
         for k, v in per.items():
             values[k] = values.get(k, 0.0) + float(v.detach()) * counts[i] / total_count
     grad_norm = par.clip(student, cfg.max_grad_norm)
-    if math.isfinite(grad_norm) and all(math.isfinite(v) for v in values.values()):
+    if all(math.isfinite(v) for v in values.values()) and (
+        math.isfinite(grad_norm) or _scaler(acc) is not None
+    ):
+        # fp16: the grad scaler's step skips an update whose gradients overflowed and lowers its
+        # scale (the routine case it exists for); without one a non-finite gradient is never applied
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return values, grad_norm
+
+
+def _scaler(acc) -> Any:
+    """Accelerate's fp16 GradScaler, or None (float32 and bf16 need no loss scaling)."""
+    return getattr(acc, "scaler", None)
 
 
 def _evaluate_and_select(
@@ -1018,7 +1081,8 @@ def _save_student(
 def _save_checkpoint(
     path: Path, raw: Student, optimizer, scheduler, state: dict[str, Any], acc, par: Parallel
 ) -> None:
-    """Written once, by the main process, with every rank's RNG state (exact resume under DDP)."""
+    """Written once, by the main process, with every rank's RNG state (exact resume under DDP) and,
+    under fp16, the grad scaler's state."""
     model_state, optimizer_state = par.model_state(raw), par.optimizer_state(raw, optimizer)  # collective
     rngs = [_rng_state()]
     if acc.num_processes > 1:
@@ -1026,17 +1090,17 @@ def _save_checkpoint(
 
         rngs = gather_object(rngs)
     if acc.is_main_process:
+        blob = {
+            "student": model_state,
+            "optimizer": optimizer_state,
+            "scheduler": scheduler.state_dict(),
+            "progress": dict(state),
+            "rng": rngs,
+        }
+        if _scaler(acc) is not None:  # fp16: resume with the loss scale reached, not the initial one
+            blob["scaler"] = _scaler(acc).state_dict()
         with written_whole(path) as tmp:
-            torch.save(
-                {
-                    "student": model_state,
-                    "optimizer": optimizer_state,
-                    "scheduler": scheduler.state_dict(),
-                    "progress": dict(state),
-                    "rng": rngs,
-                },
-                tmp,
-            )
+            torch.save(blob, tmp)
     acc.wait_for_everyone()
 
 
