@@ -173,6 +173,20 @@ def _global_loss_worker(rank: int, out: str) -> None:
                     "loss": float(loss.detach()),
                     "grad": [p.grad.tolist() for p in model.parameters()],
                 }
+    # float32 features: sums and norms travel in float64, products in float32 (far from 0: no
+    # float64 refinement round)
+    for kind in ("procrustes", "gram", "cka"):
+        for route in ("gather", "stats"):
+            feats = ddp(inputs[rank * 15 : (rank + 1) * 15]).float()
+            wire_before, traffic_before, plans = wire.bytes, TRAFFIC.bytes, []
+            d = global_distance(
+                kind, feats, teacher[rank * 15 : (rank + 1) * 15].float(), route=route, on_plan=plans.append
+            )
+            d.backward()
+            results[f"float32/{kind}/{route}"] = {
+                "sent": [wire.bytes - wire_before, TRAFFIC.bytes - traffic_before, plans[0].bytes],
+                "value": float(d.detach()),
+            }
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     dist.barrier()  # no rank tears the group down while another still uses it
@@ -188,6 +202,11 @@ def test_global_losses_and_gradients_equal_one_process(tmp_path: Path) -> None:
     inputs, teacher, model = _problem()
     for key, value in got.items():
         shards_name, kind, route = key.split("/")
+        if shards_name == "float32":
+            wire, counted, planned = value["sent"]
+            assert value["value"] > 0.1  # not refined in float64: the plan's bytes are exact
+            assert wire > 0 and abs(counted - wire) < 1e-6 and abs(planned - wire) < 1e-6, (key, value)
+            continue
         if route.startswith("scope-"):
             continue
         # bytes: geodistill's count equals the count at torch.distributed, and the plan's estimate
@@ -241,7 +260,7 @@ def test_plan_picks_the_cheaper_route() -> None:
     # its result; the backward all-reduces the student's statistics; both count the row counts (8 B)
     p = plan("gram", 4096, 384, 384)
     assert p.route == "stats"
-    assert p.forward_bytes == 8 + 4 * (384 + 384 + 2 + 3 * 384 * 384)
+    assert p.forward_bytes == 8 + 8 * (384 + 384 + 2) + 4 * 3 * 384 * 384  # sums and norms in float64
     assert p.backward_bytes == 4 * (384 + 1 + 2 * 384 * 384)
     g = plan("procrustes", 100, 8, 16, route="gather", world=4, max_rows=30)
     assert g.forward_bytes == 3 / 4 * (4 * 8) + 3 / 4 * (4 * 30 * 24 * 4)

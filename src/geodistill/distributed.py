@@ -12,7 +12,8 @@ Two exact routes, chosen per call by the bytes they move, forward and backward t
   backward all-reduces the gradient of the gathered student rows (``W m d_s`` values);
 * ``stats``: all-reduce the d x d sufficient statistics instead (column sums, squared norms and
   ``X^T Y`` for Procrustes, plus ``X^T X`` and ``Y^T Y`` for Gram and CKA) after centring on the
-  global mean: ``d_s + d_t + 2 + d_s d_t`` values (Procrustes) or ``... + d_s^2 + d_t^2``; the
+  global mean: ``d_s + d_t + 2`` values in float64 (column sums and norms) and ``d_s d_t``
+  (Procrustes) or ``d_s d_t + d_s^2 + d_t^2`` in the features' dtype; the
   backward all-reduces the gradients of the student's statistics (``d_s + 1 + d_s d_t``, plus
   ``d_s^2`` for Gram; CKA's ``d_s + d_s d_t + d_s^2``).
 
@@ -123,12 +124,11 @@ def plan(
             counts + _ring_bytes("all_gather", world * m * (d_s + d_t) * element_size, world),
             _ring_bytes("all_reduce", world * m * d_s * element_size, world),
         ),
-        "stats": (
+        "stats": (  # column sums and squared norms are reduced in float64 (geometry._centre)
             counts
+            + _ring_bytes("all_reduce", (d_s + d_t + 2) * 8, world)
             + _ring_bytes(
-                "all_reduce",
-                (d_s + d_t + 2 + d_s * d_t + squares * (d_s * d_s + d_t * d_t)) * element_size,
-                world,
+                "all_reduce", (d_s * d_t + squares * (d_s * d_s + d_t * d_t)) * element_size, world
             ),
             # CKA normalises by the products, not by the norms: no gradient reaches the norm
             _ring_bytes(
