@@ -12,6 +12,8 @@ vectors (the experiments' default) and on every token of the batch (the costlies
 
 Usage:
   python benchmarks/step.py --out benchmarks/results/step-cpu.md            # ~5 minutes on 2 cores
+  python benchmarks/step.py --set student.init=layer_subset --set 'student.layers=[1,3,5]' \
+      --out benchmarks/results/step-cpu-subset.md                           # the layer-subset student
   python benchmarks/step.py --repeats 3 --out /tmp/step.md                  # a smoke test
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from geodistill import models
 from geodistill.cli import resolve_config_path
 from geodistill.config import DistillConfig, load_config
 from geodistill.parallel import Parallel
@@ -45,6 +49,13 @@ METHODS = {
     "kd+procrustes (tokens)": f"[{KD}, {{name: procrustes, weight: 0.1, pooling: tokens}}]",
     "kd+gram (tokens)": f"[{KD}, {{name: gram, weight: 0.1, pooling: tokens}}]",
     "kd+cka (tokens)": f"[{KD}, {{name: cka, weight: 0.1, pooling: tokens}}]",
+    # the paper's other objective, CE + KD + alpha D (experiments/ce)
+    "ce+kd+procrustes (cls)": f"[{{name: ce}}, {KD}, {{name: procrustes, weight: 0.1}}]",
+    # several layers: the uniform map pairs every student layer with a teacher layer (experiments/layers)
+    "kd+procrustes (uniform, tokens)": f"[{KD}, {{name: procrustes, weight: 0.1, layers: uniform, pooling: tokens}}]",
+    "kd+gram (uniform, cls)": f"[{KD}, {{name: gram, weight: 0.1, layers: uniform}}]",
+    "kd+cka (uniform, cls)": f"[{KD}, {{name: cka, weight: 0.1, layers: uniform}}]",
+    "kd+proj_mse (uniform, cls)": f"[{KD}, {{name: proj_mse, weight: 0.1, layers: uniform}}]",
 }
 # KD with the other AdamW implementations (the table above uses the default, foreach AdamW)
 OPTIMIZERS = {
@@ -97,6 +108,17 @@ class Bench:
         return time.perf_counter() - t0
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -140,7 +162,11 @@ def main() -> None:
     med = {name: statistics.median(t) for name, t in times.items()}
     base = med["kd"]
     cfg0 = next(iter(benches.values())).run.cfg
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    student = next(iter(benches.values())).run.student.model  # the built student: its real shape
+    machine = (
+        f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
     device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     lines = [
         f"# Whole training step per method, relative to KD ({device})",
@@ -148,7 +174,7 @@ def main() -> None:
         f"Machine: {machine}, {device}. `python benchmarks/step.py` (config `{args.config}`"
         + (f", {' '.join(args.set)}" if args.set else "")
         + f"): batch {cfg0.train.batch_size} x up to {cfg0.data.max_length} tokens, "
-        f"student {cfg0.student.num_layers} x {cfg0.student.hidden_size} (init {cfg0.student.init}), "
+        f"student {models.num_layers(student)} x {models.hidden_size(student)} (init {cfg0.student.init}), "
         f"teacher {cfg0.teacher.name} with cached outputs. Median of {args.repeats} interleaved steps per "
         "method (shuffled order each round) after 2 warm-up steps; the step is the trainer's own "
         "(forward, every loss term, backward, clipping, AdamW: foreach, bit-identical to torch's per-tensor "
