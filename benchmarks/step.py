@@ -31,6 +31,9 @@ from pathlib import Path
 
 import torch
 
+# the sibling benchmark script (this directory is on sys.path when a script here runs)
+from geometry import cpu_model
+
 from geodistill import models
 from geodistill.cli import resolve_config_path
 from geodistill.config import DistillConfig, load_config
@@ -106,17 +109,6 @@ class Bench:
             self.run.task,
         )
         return time.perf_counter() - t0
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_bert(
-    dropout: float = 0.0, seed: int = 0, layers: int = 3, hidden: int = 32
+    dropout: float = 0.0, seed: int = 0, layers: int = 3, hidden: int = 32, num_labels: int = 2
 ) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     cfg = BertConfig(
@@ -57,7 +57,7 @@ def tiny_bert(
         max_position_embeddings=64,
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
-        num_labels=2,
+        num_labels=num_labels,
         pad_token_id=0,
     )
     return BertForSequenceClassification(cfg)

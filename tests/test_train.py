@@ -340,19 +340,9 @@ def test_a_valid_config_reaches_the_finetune_and_uses_its_teacher(assets, tmp_pa
 
 
 def test_pretrained_student_with_another_head_names_student_name(assets, tmp_path) -> None:
-    from transformers import BertConfig, BertForSequenceClassification
+    from conftest import tiny_bert, tiny_tokenizer
 
-    from conftest import VOCAB, tiny_tokenizer
-
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=3,
-    )
-    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "three")
+    tiny_bert(num_labels=3).save_pretrained(tmp_path / "three")
     tiny_tokenizer().save_pretrained(tmp_path / "three")
     over = ["student.init=pretrained", f"student.name={tmp_path / 'three'}"]
     with pytest.raises(

@@ -70,11 +70,9 @@ class Traffic:
 
     def __init__(self) -> None:
         self.bytes = 0.0
-        self.calls = 0
 
     def add(self, op: str, t: Tensor) -> None:
         self.bytes += _ring_bytes(op, t.numel() * t.element_size(), world_size())
-        self.calls += 1
 
 
 #: every collective of this module is counted here

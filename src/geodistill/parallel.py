@@ -44,8 +44,9 @@ class Parallel:
         shard_model(student.model, self.acc.device)
         from torch.distributed.fsdp import fully_shard
 
+        mesh = _mesh(self.acc.device)
         for head in student.projectors.values():  # a ModuleDict has no forward of its own to hook
-            fully_shard(head, mesh=_mesh(self.acc.device))
+            fully_shard(head, mesh=mesh)
         return student, optimizer_factory(student)
 
     def unwrap(self, student: nn.Module) -> nn.Module:
