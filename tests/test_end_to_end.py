@@ -88,3 +88,39 @@ def test_instruct_experiment_quick_through_sweep_and_report(tmp_path: Path) -> N
     )
     assert all(r["status"] == "ok" and 0 <= r["test.rougeL"] <= 1 for r in rows)
     assert main(["report", str(results), "--baseline", "kd", "--out", str(tmp_path / "report")]) == 0
+
+
+def test_budget_set_quick_runs_every_experiment_and_reports(
+    offline_assets, tmp_path: Path, monkeypatch
+) -> None:
+    """Issue 4's whole set (experiments/budget: main, alpha, layers, students, tasks) in its --quick
+    form (one seed, one split, 4 steps; tasks on Reuters R8), as one command in one pool of two
+    processes, then a report of each sweep."""
+    from geodistill.data import load_classification
+
+    try:
+        load_classification("reuters_r8")
+    except AssetError as e:
+        pytest.skip(f"offline assets unavailable: {e}")
+    monkeypatch.chdir(tmp_path)  # the sweeps' output_dir are relative: runs/experiments/budget/*
+    assert main(["sweep", "experiments/budget", "--quick", "--quiet", "--jobs", "2"]) == 0
+    expected = {"main": 7, "alpha": 7, "layers": 9, "students": 12, "tasks": 7}
+    figure = {"alpha": "alpha.png", "layers": "layers.png"}  # beside the bars of every report
+    results = {
+        n: tmp_path / "runs" / "experiments" / "budget" / f"{n}-quick" / "results.jsonl" for n in expected
+    }
+    for name, n in expected.items():
+        rows = [json.loads(x) for x in results[name].read_text().splitlines()]
+        assert len(rows) == n and all(r["status"] == "ok" and r["steps"] == 4 for r in rows), name
+        assert all(r["sweep"] == f"budget-{name}" for r in rows)
+        out = tmp_path / "reports" / name
+        assert main(["report", str(results[name]), "--out", str(out)]) == 0
+        assert "MDE" in (out / "report.md").read_text() and list(out.glob("bars*.png")), name
+        if name in figure:
+            assert (out / figure[name]).stat().st_size > 0
+    tasks = {json.loads(x)["task"] for x in results["tasks"].read_text().splitlines()}
+    assert tasks == {"reuters_r8"}
+    # a second launch finds everything done and runs nothing
+    before = {n: p.read_text() for n, p in results.items()}
+    assert main(["sweep", "experiments/budget", "--quick", "--quiet", "--jobs", "2"]) == 0
+    assert {n: p.read_text() for n, p in results.items()} == before

@@ -103,3 +103,43 @@ def test_glue_config_runs_end_to_end_on_tiny_models(
     assert metric in results["test"] and metric in results["dev"]
     assert list((tmp_path / "cache" / "teachers").glob("*/results.json"))  # the teacher was fine-tuned
     assert (tmp_path / "run" / "best" / "config.json").exists()  # a save_pretrained student
+
+
+def test_glue_sweep_runs_every_method_through_sweep_and_report(
+    bert12: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The GLUE sweep's --quick form, every baseline it names (FT, KD, PKD, projection MSE, CKA,
+    Procrustes, Gram, and CE + feature terms), run and reported on the tiny 12-layer BERT."""
+    import json
+
+    from geodistill.cli import main
+    from geodistill.data import classification
+    from geodistill.experiments import run_distill, run_sweep
+
+    monkeypatch.setattr(
+        classification,
+        "load_hub_dict",
+        lambda name: DatasetDict(train=_glue_like("rte", 64, 0), validation=_glue_like("rte", 24, 1)),
+    )
+    monkeypatch.setenv("GEODISTILL_CACHE", str(tmp_path / "cache"))
+    overrides = [
+        f"base.teacher.name={bert12}",
+        "base.data.max_length=24",
+        "base.train.batch_size=8",
+        "base.teacher_train.batch_size=8",
+        f"output_dir={tmp_path / 'glue'}",
+    ]
+    sweep = load_sweep(CONFIG_DIR / "experiments" / "glue.yaml", overrides)
+    summary = run_sweep(
+        sweep, quick=True, jobs=1, runner=run_distill, in_process=True, progress=False, log=lambda s: None
+    )
+    results = tmp_path / "glue-quick" / "results.jsonl"
+    rows = [json.loads(x) for x in results.read_text().splitlines()]
+    methods = {"ft", "kd", "kd+pkd", "kd+proj_mse", "kd+cka", "kd+procrustes", "kd+gram"}
+    methods |= {"ce+cka", "ce+procrustes", "ce+gram"}
+    assert {r["method"] for r in rows} == methods and len(rows) == len(methods), summary
+    assert all(r["status"] == "ok" and r["steps"] == 2 and r["task"] == "glue/rte" for r in rows)
+    assert len(list((tmp_path / "cache" / "teachers").glob("*/results.json"))) == 1  # one teacher for all
+    assert main(["report", str(results), "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert all(f"{m}" in report for m in methods)

@@ -177,11 +177,76 @@ def test_resume_is_bit_identical(assets, tmp_path) -> None:
     assert strip(log_a) == strip(log_b)
 
 
-def test_same_seed_same_data_order_and_init_across_methods(assets, tmp_path) -> None:
-    ra = setup(make_cfg(assets, tmp_path / "a", "losses=[{name: ce}]"), progress=False)
-    rb = setup(make_cfg(assets, tmp_path / "b", "losses=[{name: kd}, {name: proj_mse}]"), progress=False)
-    wa, wb = weights(ra.student.model), weights(rb.student.model)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the projection head does not shift the init
+PAIRED_METHODS = {
+    "ft": "losses=[{name: ce}]",
+    "kd": "losses=[{name: kd}]",
+    "kd+proj_mse": "losses=[{name: kd}, {name: proj_mse, weight: 0.1}]",
+    "kd+procrustes": "losses=[{name: kd}, {name: procrustes, weight: 0.1}]",
+    "kd+pkd": "losses=[{name: kd}, {name: pkd, weight: 0.1, layers: uniform}]",
+}
+
+
+def trace_training(cfg: DistillConfig) -> tuple[dict, list, list]:
+    """A run's initial student weights, the input ids of every training forward and its dropout masks."""
+    r = setup(cfg, progress=False)
+    init = weights(r.student.model)
+    inputs, masks = [], []
+    model = r.student.model
+
+    def seen(module, args, kwargs):
+        if module.training:
+            inputs.append(kwargs["input_ids"].clone())
+
+    def dropped(module, args, out):
+        if module.training:
+            masks.append(out == 0)
+
+    model.register_forward_pre_hook(seen, with_kwargs=True)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.register_forward_hook(dropped)
+    train(r, progress=False)
+    return init, inputs, masks
+
+
+@pytest.mark.parametrize("finetune", [True, False], ids=["finetuned-teacher", "pretrained-teacher"])
+def test_same_seed_same_init_data_order_and_dropout_across_methods(
+    assets, tmp_path, monkeypatch, finetune
+) -> None:
+    """Issue 4's pairing: one seed, every method (FT without a teacher too) starts from the same
+    student, sees the same batches in the same order and draws the same dropout masks. The teacher is
+    a headless encoder with dropout, as MiniLM is: loading it draws a new head from the RNG."""
+    import geodistill.finetune as finetune_module
+    from conftest import tiny_bert, tiny_tokenizer
+
+    headless = tmp_path / "encoder"
+    tiny_bert(dropout=0.1).bert.save_pretrained(headless)
+    tiny_tokenizer().save_pretrained(headless)
+    # the fine-tune's output: a classifier of the same architecture (a real fine-tune is slow)
+    monkeypatch.setattr(finetune_module, "finetuned_teacher", lambda cfg, **kw: assets["teacher_dropout"])
+    over = [
+        f"teacher.name={headless}",
+        f"teacher.finetune={str(finetune).lower()}",
+        "train.cache_teacher=false",
+    ]
+    traces = {
+        name: trace_training(make_cfg(assets, tmp_path / name, loss, *over))
+        for name, loss in PAIRED_METHODS.items()
+    }
+    init, inputs, masks = traces["kd"]
+    assert len(inputs) == 6 and masks and any(m.any() for m in masks)  # dropout really drops
+    assert not all(torch.equal(inputs[0], x) for x in inputs[1:])  # batches differ from step to step
+    for name, (w, x, m) in traces.items():
+        assert w.keys() == init.keys() and all(torch.equal(w[k], init[k]) for k in init), name
+        assert len(x) == len(inputs) and all(torch.equal(a, b) for a, b in zip(x, inputs, strict=True)), name
+        assert len(m) == len(masks) and all(torch.equal(a, b) for a, b in zip(m, masks, strict=True)), name
+    # a control: another seed gives another init, order and dropout
+    w, x, m = trace_training(
+        make_cfg(assets, tmp_path / "seed1", PAIRED_METHODS["ft"], *over, "train.seed=1")
+    )
+    assert not all(torch.equal(w[k], init[k]) for k in init)
+    assert not all(torch.equal(a, b) for a, b in zip(x, inputs, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(m, masks, strict=True))
 
 
 def test_saved_student_loads_with_plain_transformers(assets, tmp_path) -> None:

@@ -516,16 +516,18 @@ def setup(
     except (ValueError, OSError, models.HeadSizeError) as e:  # unknown name, unreadable, another head
         raise ConfigError(f"teacher.name: {e}") from e
 
-    # student: seeded init, sharing the teacher's tokenizer unless pretrained. Without a teacher a
-    # config student reads the pretrained teacher's config from the loaded model, whose new head
-    # draws from the seeded RNG first: kept so that such runs keep their recorded results
+    # student: seeded init, sharing the teacher's tokenizer unless pretrained. A narrow student is
+    # shrunk from the teacher's config, read without loading weights (a loaded model's new head
+    # would draw from the seeded RNG first), so it starts the same with or without a teacher
     seed_everything(tcfg.seed)
     student_model = build_student(
         cfg.student,
         load=load_pretrained,
         teacher_model=lambda: load_pretrained(cfg.teacher.name),
         teacher_config=lambda: (
-            teacher_arch if teacher_arch is not None else load_pretrained(cfg.teacher.name).config
+            teacher_arch
+            if teacher_arch is not None
+            else models.classifier_config(cfg.teacher.name, num_labels, label_names)
         ),
         layers_example="[0, 2, 4]",
         task="classification",
