@@ -554,7 +554,7 @@ def test_shipped_results_keep_their_identity() -> None:
     root = Path(__file__).resolve().parents[1]
     plan = expand(load_sweep(CONFIG_DIR / "experiments" / "main.yaml"))
     done = {r["config_hash"] for r in read_rows(root / "experiments" / "main" / "results.jsonl")}
-    assert len(plan) == 168 and {run.config_hash for run in plan} <= done
+    assert len(plan) == 210 and {run.config_hash for run in plan} <= done
 
 
 def test_length_grouped_batches() -> None:

@@ -5,8 +5,8 @@ are the *treatment* (``method`` and placeholders such as ``alpha``, ``layers``),
 student, other swept config keys) and the *replicates* (``seed``, ``split_seed``). A group is one
 treatment in one setting; its replicates give mean, std and n. Every treatment is compared with the
 baseline treatment of the same setting on the replicates both have (paired: the trainer fixes
-data order and dropout by seed, identically across methods, and the initialisation for every
-method with a teacher):
+the student's initialisation, the data order and the dropout stream by seed, identically across
+methods, labels-only FT included):
 
 * difference of means in points (a metric whose values all lie in [0, 1] is a fraction, reported
   as percentages; any other metric, e.g. a log-probability, keeps its own units),
@@ -998,8 +998,7 @@ def write_report(
         + f"; baseline `{a.baseline}`.",
         "",
         f"Runs are paired on ({reps}) within each setting ({settings}): the same seed means the same "
-        "data order and dropout for every method, and the same initialisation for every method with a "
-        f"teacher (not FT's). Differences are in {a.unit} (method "
+        f"initialisation, data order and dropout for every method. Differences are in {a.unit} (method "
         "minus baseline) with 95% percentile bootstrap intervals (10,000 resamples of the paired "
         "differences). p-values are two-sided, Holm-corrected over the comparisons of each setting. "
         f"**win**: interval above 0 and Holm-adjusted t-test p < {a.alpha:g}; **loss**: the mirror "
