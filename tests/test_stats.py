@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from geodistill.experiments import append_row
 from geodistill.stats import (
     PairingError,
     StatsError,
+    _p_is,
     analyse,
     bootstrap_mean_ci,
     holm,
@@ -377,6 +379,8 @@ def test_report_writes_markdown_latex_and_figures(tmp_path: Path) -> None:
         assert text in md, text
     kd_mean = np.mean([g.mean for g in a.groups if g.treatment["method"] == "kd"])
     assert f"{kd_mean:.2f} ± " in md  # percentages with 2 decimals
+    assert re.search(r"paired t-test p = \d\.\d{4}, Wilcoxon p = \d\.\d{4} \(Holm\)", md)
+    assert _p_is(3e-7) == "p < 0.0001" and _p_is(0.01234) == "p = 0.0123"  # not "p = <0.0001"
     tex = paths["latex"].read_text()
     assert (
         r"\begin{tabular}" in tex

@@ -546,15 +546,19 @@ def test_every_shipped_config_loads() -> None:
             assert to_dict(from_dict(DistillConfig, to_dict(cfg))) == to_dict(cfg), name
 
 
-def test_shipped_results_keep_their_identity() -> None:
-    """Every finished row of the committed main table still hashes as its planned run (nothing reruns)."""
+@pytest.mark.parametrize(
+    ("name", "runs"), [("main", 210), ("tokens", 120), ("layers_tokens", 120), ("tokens_dev", 150)]
+)
+def test_shipped_results_keep_their_identity(name: str, runs: int) -> None:
+    """Every planned run of a committed 30-pair table has its row, by config hash (nothing reruns)."""
     from geodistill.cli import CONFIG_DIR
     from geodistill.experiments import expand, load_sweep, read_rows
 
     root = Path(__file__).resolve().parents[1]
-    plan = expand(load_sweep(CONFIG_DIR / "experiments" / "main.yaml"))
-    done = {r["config_hash"] for r in read_rows(root / "experiments" / "main" / "results.jsonl")}
-    assert len(plan) == 210 and {run.config_hash for run in plan} <= done
+    plan = expand(load_sweep(CONFIG_DIR / "experiments" / f"{name}.yaml"))
+    rows = read_rows(root / "experiments" / name / "results.jsonl")
+    assert all(r["status"] == "ok" for r in rows) and len({r["run_id"] for r in rows}) == len(rows)
+    assert len(plan) == runs and {run.config_hash for run in plan} <= {r["config_hash"] for r in rows}
 
 
 def test_length_grouped_batches() -> None:

@@ -585,6 +585,12 @@ def _p(v: float) -> str:
     return "<0.0001" if v < 1e-4 else f"{v:.4f}"
 
 
+def _p_is(v: float) -> str:
+    """``p = 0.0123`` or ``p < 0.0001``, for prose."""
+    s = _p(v)
+    return f"p < {s[1:]}" if s.startswith("<") else f"p = {s}"
+
+
 def _label(d: dict[str, Any]) -> str:
     """``kd+procrustes (alpha=1, layers=last)``; ``task=rte, student=small``."""
     if "method" in d:
@@ -715,7 +721,7 @@ def _verdict_lines(a: Analysis) -> list[str]:
             lines.append(
                 f"- **{_label(c.treatment)}** vs {_label(c.baseline)}: **{c.verdict_text()}**: "
                 f"{_num(c.mean_diff, True)} {a.unit} (95% CI {_num(c.ci_low, True)} to {_num(c.ci_high, True)}), "
-                f"paired t-test p = {_p(c.p_t_holm)}, Wilcoxon p = {_p(c.p_wilcoxon_holm)} (Holm), "
+                f"paired t-test {_p_is(c.p_t_holm)}, Wilcoxon {_p_is(c.p_wilcoxon_holm)} (Holm), "
                 f"{c.pairs} pairs"
                 + (
                     "."
