@@ -547,10 +547,17 @@ def test_every_shipped_config_loads() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "runs"), [("main", 210), ("tokens", 120), ("layers_tokens", 120), ("tokens_dev", 150)]
+    ("name", "runs"),
+    [
+        ("main", 210),
+        ("tokens", 120),
+        ("layers_tokens", 120),
+        ("tokens_dev", 150),
+        ("cls_alpha", 52),
+    ],
 )
 def test_shipped_results_keep_their_identity(name: str, runs: int) -> None:
-    """Every planned run of a committed 30-pair table has its row, by config hash (nothing reruns)."""
+    """Every planned run of a committed table has its row, by config hash (nothing reruns)."""
     from geodistill.cli import CONFIG_DIR
     from geodistill.experiments import expand, load_sweep, read_rows
 
