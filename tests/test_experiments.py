@@ -422,6 +422,22 @@ def test_several_sweeps_share_runs_and_keep_their_own_rows(tmp_path: Path) -> No
     for row in rows_c:
         assert row["test.accuracy"] == by_hash[row["config_hash"]]["test.accuracy"]
         assert row["output_dir"] == by_hash[row["config_hash"]]["output_dir"]  # where it ran
+        assert row["reused_from"] == "b"  # whose row it is
+    assert all("reused_from" not in r for r in rows_a + rows_b)  # rows of runs that ran here
+
+    # a copy of a copy names the sweep that ran it, not the one it was copied through
+    d = parse_sweep(
+        sweep_dict(
+            tmp_path,
+            name="d",
+            methods={"kd": METHODS["kd"]},
+            grid={"seed": [2]},
+            output_dir=str(tmp_path / "d"),
+        )
+    )
+    run_sweeps([c, d], runner=FakeRunner(), progress=False, log=lambda _: None)
+    (row_d,) = read_rows(tmp_path / "d" / "results.jsonl")
+    assert (row_d["sweep"], row_d["reused_from"]) == ("d", "b")
     with pytest.raises(ConfigError, match="write the same"):
         run_sweeps([a, a], runner=FakeRunner(), progress=False, log=lambda _: None)
 

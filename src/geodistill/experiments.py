@@ -833,7 +833,8 @@ def _divide_work(
 
 def _copied_row(row: dict[str, Any], run: PlannedRun, sweep_name: str) -> dict[str, Any]:
     """Another sweep's row of the same run (same config hash), with this sweep's name and columns;
-    ``output_dir`` still says where it ran."""
+    ``output_dir`` still says where it ran and ``reused_from`` which sweep's row it is (the first
+    sweep's, when that row was itself a copy)."""
     kept = {
         k: v
         for k, v in row.items()
@@ -842,6 +843,7 @@ def _copied_row(row: dict[str, Any], run: PlannedRun, sweep_name: str) -> dict[s
     return {
         **kept,
         "sweep": sweep_name,
+        "reused_from": row.get("reused_from") or row.get("sweep"),
         "run_id": run.run_id,
         **run.values,
         "axes": run.axes,
