@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -121,9 +122,12 @@ def test_a_diverged_run_is_one_line_naming_the_checkpoint(assets, tmp_path, caps
         L.LOSSES, "procrustes", dataclasses.replace(spec, fn=lambda x, y, **kw: spec.fn(x, y) * float("nan"))
     )
     cfg = write_config(assets, tmp_path)
-    assert main(["distill", str(cfg), "--quiet"]) == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["distill", str(cfg), "--quiet"]) == 1
     err = capsys.readouterr().err.strip()
     assert "step 1: loss term 'procrustes' is nan" in err and len(err.splitlines()) == 1, err
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]  # nothing but that line
 
 
 def test_finetune_caches_the_teacher(assets, tmp_path, capsys, monkeypatch) -> None:

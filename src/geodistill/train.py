@@ -878,11 +878,6 @@ def _train(
             values, grad_norm = _step(
                 acc, par, student, objective, group, teacher_outputs, optimizer, cfg, run.task
             )
-            with warnings.catch_warnings():
-                if _scaler(acc) is not None:  # its step() swaps optimizer.step, which torch takes for misuse
-                    warnings.filterwarnings("ignore", r"Seems like `optimizer.step\(\)` has been overridden")
-                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
-                scheduler.step()
             elapsed = time.perf_counter() - t0
             state["step"] += 1
             state["comm_bytes"] = state.get("comm_bytes", 0.0) + TRAFFIC.bytes - sent
@@ -903,6 +898,13 @@ def _train(
                     else "no checkpoint was written yet"
                 )
                 raise TrainingDiverged(f"step {state['step']}: {what}; training stopped, {last}")
+            # after the divergence check: a diverged first step (never applied) ends with its one-line
+            # error, not with torch's warning about a scheduler stepping before its optimizer
+            with warnings.catch_warnings():
+                if _scaler(acc) is not None:  # its step() swaps optimizer.step, which torch takes for misuse
+                    warnings.filterwarnings("ignore", r"Seems like `optimizer.step\(\)` has been overridden")
+                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before")
+                scheduler.step()
             for k, v in values.items():
                 log_terms.setdefault(k, []).append(v)
             if bar is not None:
