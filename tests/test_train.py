@@ -554,7 +554,8 @@ def test_every_shipped_config_loads() -> None:
         ("layers_tokens", 120, 120),
         ("tokens_dev", 150, 150),
         ("cls_alpha", 52, 52),
-        ("subset", 126, 98),  # 3 splits x 6 seeds planned; run: split 0 x seeds 0-5, splits 1-2 x 0-3
+        ("subset", 126, 126),
+        ("subset_tokens", 72, 72),
     ],
 )
 def test_shipped_results_keep_their_identity(name: str, runs: int, finished: int) -> None:
