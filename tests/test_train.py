@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -570,6 +571,44 @@ def test_shipped_results_keep_their_identity(name: str, runs: int, finished: int
     rows = read_rows(root / "experiments" / name / "results.jsonl")
     assert all(r["status"] == "ok" for r in rows) and len({r["run_id"] for r in rows}) == len(rows)
     assert len(plan) == runs and {r["config_hash"] for r in rows} <= plan and len(rows) == finished
+
+
+def test_git_revision_says_when_the_package_is_uncommitted(tmp_path, monkeypatch) -> None:
+    """A run's git_revision is the commit, with -dirty when the package's tracked files differ
+    from it; other files of the repository and untracked ones do not count; no repository: None."""
+    import subprocess
+
+    from geodistill.train import _git_revision
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above counts
+
+    def git(*args: str) -> str:
+        env = {
+            **os.environ,
+            "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@t",
+        }
+        return subprocess.run(
+            ["git", *args], cwd=tmp_path, env=env, check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    pkg = tmp_path / "src" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "train.py").write_text("x = 1\n")
+    (tmp_path / "results.jsonl").write_text("{}\n")
+    assert _git_revision(pkg) is None  # not a repository yet
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    head = git("rev-parse", "--short", "HEAD")
+    assert _git_revision(pkg) == head
+    (tmp_path / "results.jsonl").write_text("{}\n{}\n")  # a result changed: still the commit
+    (pkg / "new.py").write_text("")  # an untracked file: still the commit
+    assert _git_revision(pkg) == head
+    (pkg / "train.py").write_text("x = 2\n")
+    assert _git_revision(pkg) == f"{head}-dirty"
 
 
 def test_length_grouped_batches() -> None:

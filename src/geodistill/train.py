@@ -325,15 +325,26 @@ class Run:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def _git_revision() -> str | None:
+def _git_revision(where: Path | None = None) -> str | None:
+    """The commit geodistill's source came from (short hash), or None outside a git checkout.
+
+    ``-dirty`` is appended when the package's own tracked files differ from that commit, so a row
+    run from uncommitted code does not pass for the commit before it; changes elsewhere in the
+    repository (results, READMEs) do not count.
+    """
+    here = where or Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+
     try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() or None
-    except Exception:
+        rev = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    except (OSError, subprocess.SubprocessError):
         return None
+    return f"{rev}-dirty" if changed else rev or None
 
 
 def _check_output_dir(out: Path, cfg: DistillConfig, kind: str) -> None:
