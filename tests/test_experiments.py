@@ -76,9 +76,14 @@ def fake_results(cfg: DistillConfig) -> dict[str, Any]:
     return {
         "output_dir": cfg.output_dir,
         "steps": cfg.train.max_steps,
-        "best_step": cfg.train.max_steps,
+        "best_step": cfg.train.max_steps // 2,
         "dev": {"accuracy": acc},
         "test": {"accuracy": acc - 0.01},
+        "last": {
+            "step": cfg.train.max_steps,
+            "dev": {"accuracy": acc - 0.02},
+            "test": {"accuracy": acc - 0.03},
+        },
         "metric": "accuracy",
         "seconds_per_step": 0.5,
         "train_seconds": 1.5,
@@ -283,6 +288,9 @@ def test_rows_hold_every_swept_value_and_measurement(tmp_path: Path) -> None:
         assert key in row, key
     assert (row["alpha"], row["seed"], row["status"], row["loss_terms"]) == (1, 0, "ok", ["kd", "procrustes"])
     assert row["test.accuracy"] == pytest.approx(0.7 + 0.002 - 0.01)
+    assert (row["last_dev.accuracy"], row["last_test.accuracy"]) == pytest.approx(
+        (0.7 + 0.002 - 0.02, 0.7 + 0.002 - 0.03)
+    )
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"] == [r["run_id"] for r in rows]
 
 
@@ -420,7 +428,8 @@ def test_several_sweeps_share_runs_and_keep_their_own_rows(tmp_path: Path) -> No
     assert {r["sweep"] for r in rows_c} == {"c"} and "alpha" not in rows_c[0]
     by_hash = {r["config_hash"]: r for r in rows_b}
     for row in rows_c:
-        assert row["test.accuracy"] == by_hash[row["config_hash"]]["test.accuracy"]
+        for metric in ("test.accuracy", "last_dev.accuracy", "last_test.accuracy"):
+            assert row[metric] == by_hash[row["config_hash"]][metric]
         assert row["output_dir"] == by_hash[row["config_hash"]]["output_dir"]  # where it ran
         assert row["reused_from"] == "b"  # whose row it is
     assert all("reused_from" not in r for r in rows_a + rows_b)  # rows of runs that ran here

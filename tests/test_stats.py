@@ -261,6 +261,22 @@ def test_partly_paired_runs_use_the_common_seeds() -> None:
     assert c.pairs == 5 and c.unpaired == 1
 
 
+def test_last_step_metric_is_reported_from_the_rows_that_have_it() -> None:
+    """``last_test.*`` (the last step's student) is a metric like ``test.*``; rows written before
+    it was kept are left out of that report, not read as zeros."""
+    rows = rows_for({("kd", None): 0.0, ("kd+procrustes", 1): 0.01}, seeds=range(8))
+    for r in rows:
+        if r["seed"] >= 2:
+            r["last_test.accuracy"] = r["test.accuracy"] - 0.005
+    a = analyse(rows, metric="last_test.accuracy", resamples=200)
+    (c,) = a.comparisons
+    assert a.metric == "last_test.accuracy" and c.pairs == 6
+    kd = next(g for g in a.groups if g.treatment["method"] == "kd")
+    assert kd.mean == pytest.approx(
+        100 * np.mean([r["last_test.accuracy"] for r in rows if r["method"] == "kd" and r["seed"] >= 2])
+    )
+
+
 def test_single_pair_gives_no_test() -> None:
     (c,) = analyse(rows_for({("kd", None): 0, ("kd+gram", 1): 0.01}, seeds=[0]), resamples=100).comparisons
     assert c.verdict == "too few pairs" and math.isnan(c.p_t) and math.isnan(c.mde)

@@ -810,6 +810,34 @@ def test_evaluation_in_length_order_and_best_dev_kept(assets, tmp_path) -> None:
     assert res["dev"] == {k[len("dev/") :]: v for k, v in at_best.items() if k.startswith("dev/")}
 
 
+def test_last_step_metrics_kept_beside_the_selected_ones(assets, tmp_path) -> None:
+    """results["last"] holds the last step's dev and test metrics: measured on the final student
+    when dev selected an earlier step, the selected student's own when the last step won."""
+    from transformers import AutoModelForSequenceClassification
+
+    r = setup(make_cfg(assets, tmp_path / "early", "train.max_steps=4", "train.eval_every=2"), progress=False)
+    evaluate, calls = r.task.evaluate, []
+
+    def falling_dev(model, split, **kw):  # dev accuracy falls at every evaluation: step 2 is selected
+        calls.append((split, model))
+        out = evaluate(model, split, **kw)
+        return {**out, "accuracy": 1.0 / len(calls)} if split == "dev" else out
+
+    r.task.evaluate = falling_dev
+    res = train(r, progress=False)
+    cpu = torch.device("cpu")
+    best = AutoModelForSequenceClassification.from_pretrained(tmp_path / "early" / "best")
+    assert (res["best_step"], res["steps"], res["last"]["step"]) == (2, 4, 4)
+    assert ("test", r.student.model) in calls  # the final student, not only the selected one
+    assert res["last"]["test"] == evaluate(r.student.model, "test", batch_size=8, device=cpu)
+    assert res["test"] == evaluate(best, "test", batch_size=8, device=cpu)
+    assert res["last"]["dev"]["accuracy"] == 1.0 / 2 and res["dev"]["accuracy"] == 1.0
+
+    r, res = run(make_cfg(assets, tmp_path / "late", "train.max_steps=2", "train.eval_every=2"))
+    assert res["best_step"] == res["last"]["step"] == 2
+    assert res["last"] == {"step": 2, "dev": res["dev"], "test": res["test"]}
+
+
 # ----------------------------------------------------------------------------------------------
 # mixed precision
 

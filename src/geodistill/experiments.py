@@ -75,6 +75,7 @@ from geodistill.config import (
     read_yaml,
     to_dict,
 )
+from geodistill.stats import METRIC_PREFIXES
 
 __all__ = [
     "PlannedRun",
@@ -556,6 +557,8 @@ def _row(
     for split in ("dev", "test"):
         for k, v in (res.get(split) or {}).items():
             row[f"{split}.{k}"] = v
+        for k, v in ((res.get("last") or {}).get(split) or {}).items():  # the last step's student
+            row[f"last_{split}.{k}"] = v
     row.update(
         metric=res.get("metric"),
         steps=res.get("steps"),
@@ -838,7 +841,7 @@ def _copied_row(row: dict[str, Any], run: PlannedRun, sweep_name: str) -> dict[s
     kept = {
         k: v
         for k, v in row.items()
-        if (k in _ROW_FIELDS or k.startswith(("dev.", "test."))) and k not in ("error", "traceback")
+        if (k in _ROW_FIELDS or k.startswith(METRIC_PREFIXES)) and k not in ("error", "traceback")
     }
     return {
         **kept,

@@ -34,6 +34,9 @@ from typing import Any
 
 import numpy as np
 
+# a results row's metric columns: the selected (best-on-dev) student's, then the last step's
+METRIC_PREFIXES = ("dev.", "test.", "last_dev.", "last_test.")
+
 __all__ = [
     "Analysis",
     "Comparison",
@@ -315,7 +318,7 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
 
 
 def _resolve_metric(rows: list[dict[str, Any]], metric: str | None) -> str:
-    available = sorted({k for r in rows for k in r if k.startswith(("dev.", "test."))})
+    available = sorted({k for r in rows for k in r if k.startswith(METRIC_PREFIXES)})
     if metric is None:
         names = {r.get("metric") for r in rows if r.get("metric")}
         if len(names) != 1:
@@ -363,7 +366,7 @@ def select_rows(rows: list[dict[str, Any]], where: dict[str, list[str]]) -> list
     numbers: ``alpha=1`` matches 1.0). A column that no row has is an error, not an empty report."""
     for column, wanted in where.items():
         if not any(column in r for r in rows):
-            known = sorted({k for r in rows for k in r if not k.startswith(("dev.", "test."))})
+            known = sorted({k for r in rows for k in r if not k.startswith(METRIC_PREFIXES)})
             raise StatsError(
                 f"--where {column}=...: no row has a column {column!r} (columns: {', '.join(known)})"
             )

@@ -945,7 +945,7 @@ def _train(
                 or state["step"] == total_steps
                 or (cfg.eval_every is None and epoch_end)
             ):
-                _evaluate_and_select(run, raw, state, acc, par, device)
+                _evaluate_and_select(run, raw, state, acc, par, device, final=state["step"] == total_steps)
             if (
                 state["step"] % save_every == 0
                 or state["step"] == total_steps
@@ -1051,12 +1051,23 @@ def _scaler(acc) -> Any:
 
 
 def _evaluate_and_select(
-    run: Run, raw: Student, state: dict[str, Any], acc, par: Parallel, device: torch.device
+    run: Run,
+    raw: Student,
+    state: dict[str, Any],
+    acc,
+    par: Parallel,
+    device: torch.device,
+    final: bool = False,
 ) -> None:
     """Dev metrics and best-student selection (``best/``). The main process evaluates while the
-    others wait; under FSDP every rank takes part in the forwards and the state-dict gathering."""
+    others wait; under FSDP every rank takes part in the forwards and the state-dict gathering.
+
+    At the final step the last student's metrics are kept too (``state["last"]``), its test metrics
+    measured here when an earlier step was selected: what choosing the best step on dev gained or
+    cost against simply stopping, measured on every run."""
     if acc.is_main_process or par.collective_eval:
-        dev = run.task.evaluate(raw.model, "dev", batch_size=run.train_cfg.eval_batch_size, device=device)
+        batch_size = run.train_cfg.eval_batch_size
+        dev = run.task.evaluate(raw.model, "dev", batch_size=batch_size, device=device)
         metric = run.train_cfg.select_metric or run.task.data.metric
         if metric not in dev:
             raise ConfigError(f"train.select_metric: {metric!r} is not among the dev metrics {sorted(dev)}")
@@ -1074,6 +1085,14 @@ def _evaluate_and_select(
                 }
             if acc.is_main_process:
                 _save_student(raw.model, run.tokenizer, run.output_dir / "best", run.metadata, weights)
+        if final:  # test None: the last step is the selected one (results fill in its test metrics)
+            selected = state["best_step"] == state["step"]
+            test = (
+                None
+                if selected
+                else run.task.evaluate(raw.model, "test", batch_size=batch_size, device=device)
+            )
+            state["last"] = {"step": state["step"], "dev": dev, "test": test}
     acc.wait_for_everyone()
 
 
@@ -1166,6 +1185,9 @@ def _write_results(
         best, "dev", batch_size=cfg.eval_batch_size, device=device
     )
     test = run.task.evaluate(best, "test", batch_size=cfg.eval_batch_size, device=device)
+    last = state.get("last")  # None: a checkpoint from before the last step's metrics were kept
+    if last is not None:
+        last = {**last, "test": last["test"] or test}
     results = {
         **{k: v for k, v in run.metadata.items() if k != "config"},
         "output_dir": str(run.output_dir),
@@ -1174,6 +1196,7 @@ def _write_results(
         "best_step": state["best_step"],
         "dev": dev,
         "test": test,
+        "last": last,
         "metric": cfg.select_metric or run.task.data.metric,
         "seconds_per_step": state["train_seconds"] / max(1, state["timed_steps"]),
         "train_seconds": state["train_seconds"],
