@@ -1085,13 +1085,10 @@ def _evaluate_and_select(
                 }
             if acc.is_main_process:
                 _save_student(raw.model, run.tokenizer, run.output_dir / "best", run.metadata, weights)
-        if final:  # test None: the last step is the selected one (results fill in its test metrics)
-            selected = state["best_step"] == state["step"]
-            test = (
-                None
-                if selected
-                else run.task.evaluate(raw.model, "test", batch_size=batch_size, device=device)
-            )
+        if final:  # the selected student's test metrics are measured in _write_results anyway
+            test = None
+            if state["best_step"] != state["step"]:
+                test = run.task.evaluate(raw.model, "test", batch_size=batch_size, device=device)
             state["last"] = {"step": state["step"], "dev": dev, "test": test}
     acc.wait_for_everyone()
 
@@ -1186,8 +1183,8 @@ def _write_results(
     )
     test = run.task.evaluate(best, "test", batch_size=cfg.eval_batch_size, device=device)
     last = state.get("last")  # None: a checkpoint from before the last step's metrics were kept
-    if last is not None:
-        last = {**last, "test": last["test"] or test}
+    if last is not None and last["step"] == state["best_step"]:  # the last step is the selected one
+        last = {**last, "test": test}
     results = {
         **{k: v for k, v in run.metadata.items() if k != "config"},
         "output_dir": str(run.output_dir),
