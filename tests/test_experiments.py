@@ -499,6 +499,41 @@ def test_workers_do_not_queue_behind_a_teacher_being_fine_tuned(tmp_path: Path, 
     assert _teacher_to_build(no_teacher[0].config) is None
 
 
+def test_a_teacher_to_fine_tune_starts_before_runs_whose_teacher_is_ready(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Three splits, two workers: when split 0's teacher is done and split 1's is being fine-tuned,
+    the free worker starts split 2's fine-tune, not a split-0 run; were split 2's left for the end
+    of the queue, the runs after it would all wait on it with the other worker idle."""
+    from collections import deque
+
+    from geodistill.experiments import _next_run, _teacher_dir, _teacher_to_build
+
+    monkeypatch.setenv("GEODISTILL_CACHE", str(tmp_path / "cache"))
+    base = {
+        "data": {"name": "rotten_tomatoes", "max_train": 64},
+        "teacher": {"name": "minilm-l6", "finetune": True},
+    }
+    grid = {"data.split_seed": [0, 1, 2], "seed": [0, 1]}
+    plan = expand(parse_sweep(sweep_dict(tmp_path, base=base, grid=grid, methods={"kd": METHODS["kd"]})))
+    split = {run.config_hash: run.values["split_seed"] for run in plan}
+    assert [split[run.config_hash] for run in plan] == [0, 0, 1, 1, 2, 2]  # the queue, split by split
+    teacher = {run.values["split_seed"]: _teacher_dir(run.config) for run in plan}
+    assert len(set(teacher.values())) == 3 and all(teacher.values())
+    dirs: dict[str, str | None] = {}
+    pending = deque(plan)
+    assert split[_next_run(pending, set(), dirs).config_hash] == 0  # fine-tunes split 0's teacher
+    assert split[_next_run(pending, {teacher[0]}, dirs).config_hash] == 1  # split 1's, beside it
+    Path(teacher[0], "results.json").parent.mkdir(parents=True)
+    Path(teacher[0], "results.json").write_text("{}")  # split 0's teacher is done; split 1's is not
+    nxt = _next_run(pending, {teacher[1]}, dirs)
+    assert split[nxt.config_hash] == 2 and _teacher_to_build(nxt.config) == teacher[2]  # not a split-0 run
+    assert split[_next_run(pending, {teacher[1], teacher[2]}, dirs).config_hash] == 0  # ready: goes
+    assert [split[run.config_hash] for run in pending] == [1, 2]  # each waits on its teacher's worker
+    assert _next_run(pending, {teacher[1], teacher[2]}, dirs) is None
+    assert len(dirs) == len(plan)  # every run's teacher directory hashed once, then memoised
+
+
 def writing_runner(cfg: DistillConfig) -> dict[str, Any]:
     """Leaves what a real run leaves: a best student, a log and a resume checkpoint."""
     out = Path(cfg.output_dir)

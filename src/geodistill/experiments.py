@@ -887,6 +887,7 @@ def _run_processes(
     ctx = multiprocessing.get_context("spawn")  # no fork: torch and its threads are not fork-safe
     threads = max(1, _cores() // jobs)
     pending = deque(todo)
+    teacher_dirs: dict[str, str | None] = {}  # config hash -> its fine-tuned teacher's directory
     # reader -> (process, run, start, the teacher directory it fine-tunes first or None)
     active: dict[Any, tuple[Any, PlannedRun, float, str | None]] = {}
     previous = None
@@ -900,7 +901,7 @@ def _run_processes(
         while pending or active:
             while pending and len(active) < jobs:
                 # a run whose teacher another worker is fine-tuning would wait on its lock: another first
-                run = _next_run(pending, {t for *_, t in active.values() if t is not None})
+                run = _next_run(pending, {t for *_, t in active.values() if t is not None}, teacher_dirs)
                 if run is None:
                     break
                 reader, writer = ctx.Pipe(duplex=False)
@@ -912,7 +913,7 @@ def _run_processes(
                 )
                 proc.start()
                 writer.close()  # the child holds the only write end: its exit makes the reader ready
-                active[reader] = (proc, run, time.perf_counter(), _teacher_to_build(run.config))
+                active[reader] = (proc, run, time.perf_counter(), _unbuilt(teacher_dirs[run.config_hash]))
             for reader in wait(list(active)):
                 proc, run, start, _ = active.pop(reader)
                 try:
@@ -942,27 +943,56 @@ def _run_processes(
             signal.signal(signal.SIGTERM, previous)
 
 
-def _teacher_to_build(cfg: DistillConfig) -> str | None:
-    """The cache directory of the fine-tuned teacher that ``cfg`` trains before its own run (None
-    when it uses none or it is cached)."""
+def _teacher_dir(cfg: DistillConfig) -> str | None:
+    """The cache directory of the teacher ``cfg`` fine-tunes before its own run, cached or not
+    (None when it uses no fine-tuned teacher)."""
     if not cfg.teacher.finetune:
         return None
     from geodistill.finetune import finetune_config
 
-    out = Path(finetune_config(cfg).output_dir)
-    return None if (out / "results.json").exists() else str(out)
+    return str(Path(finetune_config(cfg).output_dir))
 
 
-def _next_run(pending: deque[PlannedRun], building: set[str]) -> PlannedRun | None:
-    """Take the first pending run whose teacher is not being fine-tuned by a running worker (it
-    would only wait on that worker's lock), or None when every pending run would."""
-    if not building:  # the common case: nothing to avoid, no teacher configs to hash
-        return pending.popleft()
+def _unbuilt(directory: str | None) -> str | None:
+    """``directory`` when it names a teacher that is not fine-tuned yet, else None."""
+    return None if directory is None or Path(directory, "results.json").exists() else directory
+
+
+def _teacher_to_build(cfg: DistillConfig) -> str | None:
+    """The cache directory of the fine-tuned teacher that ``cfg`` trains before its own run (None
+    when it uses none or it is cached)."""
+    return _unbuilt(_teacher_dir(cfg))
+
+
+def _next_run(
+    pending: deque[PlannedRun], building: set[str], dirs: dict[str, str | None] | None = None
+) -> PlannedRun | None:
+    """Take the next run for a free worker, or None when every pending run would only wait on the
+    lock of a teacher that a running worker is fine-tuning.
+
+    A run whose teacher is neither cached nor being fine-tuned goes first: it starts that
+    fine-tune now, beside the other workers, rather than at the end of the queue, where the runs
+    left would all wait on it with the other workers idle. Otherwise the first run whose teacher
+    is ready. ``dirs`` memoises each run's teacher directory by config hash (hashing a teacher's
+    config for every pending run at every start would cost more than the scheduling saves).
+    """
+    dirs = {} if dirs is None else dirs
+    ready = None
     for i, run in enumerate(pending):
-        if _teacher_to_build(run.config) not in building:
+        if run.config_hash not in dirs:
+            dirs[run.config_hash] = _teacher_dir(run.config)
+        teacher = _unbuilt(dirs[run.config_hash])
+        if teacher is None:
+            if ready is None:
+                ready = i
+        elif teacher not in building:
             del pending[i]
             return run
-    return None
+    if ready is None:
+        return None
+    run = pending[ready]
+    del pending[ready]
+    return run
 
 
 def sweep_main(
