@@ -472,7 +472,7 @@ def test_workers_do_not_queue_behind_a_teacher_being_fine_tuned(tmp_path: Path, 
     than one that would wait on the lock of the teacher another worker is fine-tuning."""
     from collections import deque
 
-    from geodistill.experiments import _next_run, _teacher_to_build
+    from geodistill.experiments import _next_run, _teacher_dir, _unbuilt
 
     monkeypatch.setenv("GEODISTILL_CACHE", str(tmp_path / "cache"))
     base = {
@@ -481,22 +481,22 @@ def test_workers_do_not_queue_behind_a_teacher_being_fine_tuned(tmp_path: Path, 
     }
     grid = {"seed": [0, 1], "data.split_seed": [0, 1]}
     plan = expand(parse_sweep(sweep_dict(tmp_path, base=base, grid=grid, methods={"kd": METHODS["kd"]})))
-    teachers = [_teacher_to_build(run.config) for run in plan]
+    teachers = [_unbuilt(_teacher_dir(run.config)) for run in plan]
     assert all(teachers) and len(set(teachers)) == 2  # one teacher per split, none cached yet
     split0, split1 = teachers[0], next(t for t in teachers if t != teachers[0])
     pending = deque(plan)
     first = _next_run(pending, set())
     assert first is plan[0]
     second = _next_run(pending, {split0})  # the worker of `first` fine-tunes split 0's teacher
-    assert _teacher_to_build(second.config) == split1  # the other split's, in parallel
+    assert _unbuilt(_teacher_dir(second.config)) == split1  # the other split's, in parallel
     assert _next_run(pending, {split0, split1}) is None  # both busy: wait
     Path(split0, "results.json").parent.mkdir(parents=True)
     Path(split0, "results.json").write_text("{}")  # fine-tuned: cached from now on
-    assert _teacher_to_build(plan[0].config) is None
+    assert _unbuilt(_teacher_dir(plan[0].config)) is None
     third = _next_run(pending, {split1})  # split 1 still being fine-tuned: a split-0 run goes
-    assert third.values["split_seed"] == 0 and _teacher_to_build(third.config) is None
+    assert third.values["split_seed"] == 0 and _unbuilt(_teacher_dir(third.config)) is None
     no_teacher = expand(parse_sweep(sweep_dict(tmp_path, grid={"seed": [0]}, methods={"ft": METHODS["ft"]})))
-    assert _teacher_to_build(no_teacher[0].config) is None
+    assert _unbuilt(_teacher_dir(no_teacher[0].config)) is None
 
 
 def test_a_teacher_to_fine_tune_starts_before_runs_whose_teacher_is_ready(
@@ -507,7 +507,7 @@ def test_a_teacher_to_fine_tune_starts_before_runs_whose_teacher_is_ready(
     of the queue, the runs after it would all wait on it with the other worker idle."""
     from collections import deque
 
-    from geodistill.experiments import _next_run, _teacher_dir, _teacher_to_build
+    from geodistill.experiments import _next_run, _teacher_dir, _unbuilt
 
     monkeypatch.setenv("GEODISTILL_CACHE", str(tmp_path / "cache"))
     base = {
@@ -527,7 +527,9 @@ def test_a_teacher_to_fine_tune_starts_before_runs_whose_teacher_is_ready(
     Path(teacher[0], "results.json").parent.mkdir(parents=True)
     Path(teacher[0], "results.json").write_text("{}")  # split 0's teacher is done; split 1's is not
     nxt = _next_run(pending, {teacher[1]}, dirs)
-    assert split[nxt.config_hash] == 2 and _teacher_to_build(nxt.config) == teacher[2]  # not a split-0 run
+    assert (
+        split[nxt.config_hash] == 2 and _unbuilt(_teacher_dir(nxt.config)) == teacher[2]
+    )  # not a split-0 run
     assert split[_next_run(pending, {teacher[1], teacher[2]}, dirs).config_hash] == 0  # ready: goes
     assert [split[run.config_hash] for run in pending] == [1, 2]  # each waits on its teacher's worker
     assert _next_run(pending, {teacher[1], teacher[2]}, dirs) is None

@@ -900,7 +900,7 @@ def _run_processes(
     try:
         while pending or active:
             while pending and len(active) < jobs:
-                # a run whose teacher another worker is fine-tuning would wait on its lock: another first
+                # unbuilt teachers' fine-tunes first; no run that waits on a teacher another worker builds
                 run = _next_run(pending, {t for *_, t in active.values() if t is not None}, teacher_dirs)
                 if run is None:
                     break
@@ -956,12 +956,6 @@ def _teacher_dir(cfg: DistillConfig) -> str | None:
 def _unbuilt(directory: str | None) -> str | None:
     """``directory`` when it names a teacher that is not fine-tuned yet, else None."""
     return None if directory is None or Path(directory, "results.json").exists() else directory
-
-
-def _teacher_to_build(cfg: DistillConfig) -> str | None:
-    """The cache directory of the fine-tuned teacher that ``cfg`` trains before its own run (None
-    when it uses none or it is cached)."""
-    return _unbuilt(_teacher_dir(cfg))
 
 
 def _next_run(
