@@ -556,7 +556,7 @@ def test_every_shipped_config_loads() -> None:
         ("tokens_dev", 150, 150),
         ("cls_alpha", 52, 52),
         ("subset", 210, 210),
-        ("subset_tokens", 120, 72),
+        ("subset_tokens", 120, 120),
         ("tasks", 420, 420),
     ],
 )
