@@ -558,6 +558,7 @@ def test_every_shipped_config_loads() -> None:
         ("cls_alpha", 52, 52),
         ("subset", 210, 210),
         ("subset_tokens", 120, 120),
+        ("subset_layers", 60, 60),
         ("tasks", 420, 420),
     ],
 )
