@@ -364,11 +364,25 @@ def test_cli_dry_run_prints_the_plan(tmp_path: Path, capsys: pytest.CaptureFixtu
     run_sweep(sweep, runner=FakeRunner(stop_at=None, fail={2}), progress=False, log=lambda _: None)
     assert main(["sweep", str(path), "--dry-run", "--set", "grid.seed=[0,1,2,3]"]) == 0
     out = capsys.readouterr().out
-    assert "40 runs planned, 20 finished, 20 to run" in out
+    assert "40 runs planned, 20 finished, 0 to copy from another sweep's results, 20 to run" in out
     assert out.count("| to run |") == 10 and out.count("| failed before |") == 10
     assert out.count("| done |") == 20
     assert main(["sweep", str(path), "--dry-run", "--set", "grid.sed=[0]"]) == 2
     assert "grid.sed" in capsys.readouterr().err
+    # a second sweep with the same runs, given with the first: the dry run shows what it would copy
+    other = write_sweep(tmp_path, sweep_dict(tmp_path, name="u", output_dir=str(tmp_path / "u")), "u.yaml")
+    assert main(["sweep", str(other), str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "sweep u: 30 runs planned, 0 finished, 20 to copy from another sweep's results, 10 to run" in out
+    assert (
+        out.count("| copied from t |") == 20 and out.count("| to run |") == 10
+    )  # t's 10 failed: u runs them
+    assert "sweep t: 30 runs planned, 20 finished, 0 to copy from another sweep's results, 10 to run" in out
+    assert main(["sweep", str(other), "--dry-run"]) == 0  # alone it has nothing to copy from
+    assert (
+        "30 runs planned, 0 finished, 0 to copy from another sweep's results, 30 to run"
+        in capsys.readouterr().out
+    )
 
 
 def test_every_shipped_experiment_plans_in_full_and_quick() -> None:

@@ -476,9 +476,15 @@ def expand(sweep: SweepConfig, *, quick: bool = False) -> list[PlannedRun]:
     return plan
 
 
-def plan_table(plan: list[PlannedRun], done: set[str] | None = None, failed: set[str] | None = None) -> str:
-    """A markdown table of the planned runs and their state (done / failed before / to run)."""
-    done, failed = done or set(), failed or set()
+def plan_table(
+    plan: list[PlannedRun],
+    done: set[str] | None = None,
+    failed: set[str] | None = None,
+    copied: dict[str, str] | None = None,
+) -> str:
+    """A markdown table of the planned runs and their state (done / copied from another sweep's
+    results / failed before / to run); ``copied`` maps a config hash to the sweep it comes from."""
+    done, failed, copied = done or set(), failed or set(), copied or {}
     columns: list[str] = []
     for run in plan:
         for c in (*run.axes["treatment"], *run.axes["setting"], *run.axes["replicate"]):
@@ -487,9 +493,12 @@ def plan_table(plan: list[PlannedRun], done: set[str] | None = None, failed: set
     header = ["#", "run_id", *columns, "state"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, run in enumerate(plan, 1):
-        state = (
-            "done" if run.config_hash in done else "failed before" if run.config_hash in failed else "to run"
-        )
+        if run.config_hash in done:
+            state = "done"
+        elif run.config_hash in copied:
+            state = f"copied from {copied[run.config_hash]}"
+        else:
+            state = "failed before" if run.config_hash in failed else "to run"
         cells = [
             str(i),
             run.run_id,
@@ -1002,16 +1011,20 @@ def sweep_main(
     when a run failed)."""
     paths = paths if isinstance(paths, list) else [paths]
     sweeps = [load_sweep(path, overrides) for path in paths]
-    if dry_run:
-        for sweep in sweeps:
-            plan = expand(sweep, quick=quick)
-            rows = read_rows(sweep_dir(sweep, quick=quick) / "results.jsonl")
-            done = set(_finished_rows(rows))
+    if dry_run:  # what run_sweeps would do: each sweep's own rows, and those it would copy from the others
+        plans = [expand(sweep, quick=quick) for sweep in sweeps]
+        files = [read_rows(sweep_dir(sweep, quick=quick) / "results.jsonl") for sweep in sweeps]
+        dones, copies, _ = _divide_work(plans, files)
+        for i, (sweep, plan, rows, done) in enumerate(zip(sweeps, plans, files, dones, strict=True)):
+            copied = {run.config_hash: row.get("sweep") or "?" for j, run, row in copies if j == i}
             failed = {r.get("config_hash") for r in rows if r.get("status") == "error"} - done
-            todo = sum(run.config_hash not in done for run in plan)
-            print(f"sweep {sweep.name}: {len(plan)} runs planned, {len(plan) - todo} finished, {todo} to run")
+            finished = sum(run.config_hash in done for run in plan)
+            print(
+                f"sweep {sweep.name}: {len(plan)} runs planned, {finished} finished, "
+                f"{len(copied)} to copy from another sweep's results, {len(plan) - finished - len(copied)} to run"
+            )
             print(f"results: {sweep_dir(sweep, quick=quick) / 'results.jsonl'}\n")
-            print(plan_table(plan, done, failed) + "\n")
+            print(plan_table(plan, done, failed, copied) + "\n")
         return 0
     summaries = run_sweeps(sweeps, quick=quick, jobs=jobs, progress=progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 speaks for all
