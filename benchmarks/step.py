@@ -56,6 +56,8 @@ METHODS = {
     "ce+kd+procrustes (cls)": f"[{{name: ce}}, {KD}, {{name: procrustes, weight: 0.1}}]",
     # several layers: the uniform map pairs every student layer with a teacher layer (experiments/layers)
     "kd+procrustes (uniform, tokens)": f"[{KD}, {{name: procrustes, weight: 0.1, layers: uniform, pooling: tokens}}]",
+    "kd+gram (uniform, tokens)": f"[{KD}, {{name: gram, weight: 0.1, layers: uniform, pooling: tokens}}]",
+    "kd+cka (uniform, tokens)": f"[{KD}, {{name: cka, weight: 0.1, layers: uniform, pooling: tokens}}]",
     "kd+gram (uniform, cls)": f"[{KD}, {{name: gram, weight: 0.1, layers: uniform}}]",
     "kd+cka (uniform, cls)": f"[{KD}, {{name: cka, weight: 0.1, layers: uniform}}]",
     "kd+proj_mse (uniform, cls)": f"[{KD}, {{name: proj_mse, weight: 0.1, layers: uniform}}]",
