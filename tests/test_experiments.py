@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,14 @@ def crashing_runner(cfg: DistillConfig) -> dict[str, Any]:
     """Module level, so a spawned worker can import it: dies hard on seed 1."""
     if cfg.train.seed == 1:
         os._exit(3)  # no exception, no message: as if killed
+    return fake_results(cfg)
+
+
+def environment_runner(cfg: DistillConfig) -> dict[str, Any]:
+    """Module level, for worker processes: writes what its process sees beside its run."""
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    seen = {"mark": os.environ.get("GEODISTILL_TEST_MARK"), "cwd": os.getcwd()}
+    Path(cfg.output_dir, "seen.json").write_text(json.dumps(seen))
     return fake_results(cfg)
 
 
@@ -354,6 +363,24 @@ def test_parallel_processes_isolate_a_hard_crash(tmp_path: Path) -> None:
     rows = read_rows(tmp_path / "sweep" / "results.jsonl")
     assert sorted((r["seed"], r["status"]) for r in rows) == [(0, "ok"), (1, "error")]
     assert next(r for r in rows if r["status"] == "ok")["wall_seconds"] > 0
+
+
+def test_workers_see_the_environment_and_directory_of_their_start(tmp_path: Path, monkeypatch) -> None:
+    """Workers fork from a server started once per process (on Linux); each run still sees the
+    environment and working directory the parent had when it started that run, as a fresh
+    interpreter would."""
+    monkeypatch.chdir(tmp_path)
+    sweep = parse_sweep(sweep_dict(tmp_path, quick={}, methods={"kd": METHODS["kd"]}, grid={"seed": [0, 1]}))
+    seen = []
+    for mark in ("first", "second"):  # the second sweep's workers fork from the first's server
+        monkeypatch.setenv("GEODISTILL_TEST_MARK", mark)
+        (tmp_path / mark).mkdir()
+        monkeypatch.chdir(tmp_path / mark)
+        shutil.rmtree(tmp_path / "sweep", ignore_errors=True)
+        summary = run_sweep(sweep, runner=environment_runner, jobs=2, progress=False, log=lambda _: None)
+        assert summary.finished == 2 and not summary.failed
+        seen += [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep" / "runs").glob("*/seen.json"))]
+    assert seen == [{"mark": m, "cwd": str(tmp_path / m)} for m in ("first", "first", "second", "second")]
 
 
 def test_cli_dry_run_prints_the_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

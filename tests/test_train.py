@@ -1052,3 +1052,37 @@ def test_trained_student_loads_in_a_fresh_process_without_geodistill(assets, tmp
     done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def test_map_fingerprint_names_exactly_what_the_tokenised_rows_depend_on() -> None:
+    """The fingerprint passed to ``datasets.map`` (instead of dill-hashing the task's closure)
+    changes with the source rows, the tokenizer, the settings and the encoding code, and only
+    with them; the rows are those of a plain ``map``."""
+    from datasets import Dataset
+
+    from conftest import tiny_tokenizer
+    from geodistill.tasks import map_fingerprint
+
+    ds = Dataset.from_dict({"text": ["w5 w6", "w7 w8 w9"]})
+    tok, same_tok = tiny_tokenizer(), tiny_tokenizer()
+    other_tok = tiny_tokenizer()
+    other_tok.backend_tokenizer.post_processor = None  # no [CLS] / [SEP]: other ids
+
+    def encode(batch: dict) -> dict:
+        return dict(tok(batch["text"], truncation=True, max_length=3))
+
+    def encode_longer(batch: dict) -> dict:
+        return dict(tok(batch["text"], truncation=True, max_length=4))
+
+    base = map_fingerprint(ds, encode, [tok], max_length=3)
+    assert base == map_fingerprint(ds, encode, [same_tok], max_length=3)  # equal content, other object
+    others = [
+        map_fingerprint(ds.select([1, 0]), encode, [tok], max_length=3),
+        map_fingerprint(ds, encode, [other_tok], max_length=3),
+        map_fingerprint(ds, encode, [tok, tok], max_length=3),
+        map_fingerprint(ds, encode, [tok], max_length=4),
+        map_fingerprint(ds, encode_longer, [tok], max_length=3),
+    ]
+    assert len({base, *others}) == 6
+    fast = ds.map(encode, batched=True, new_fingerprint=base)
+    assert fast._fingerprint == base and fast.to_dict() == ds.map(encode, batched=True).to_dict()

@@ -55,7 +55,7 @@ from geodistill.data.instructions import InstructionData, format_prompt
 from geodistill.evaluate import exact_match, rouge_l
 from geodistill.features import pool
 from geodistill.losses import LossTerm
-from geodistill.tasks import Outputs, Tap
+from geodistill.tasks import Outputs, Tap, map_fingerprint
 
 __all__ = [
     "GREEDY",
@@ -338,7 +338,15 @@ class InstructionTask:
                     labels.append([IGNORE] * len(p) + a)
                 return {"input_ids": ids, "labels": labels}
 
-            ds = ds.map(encode, batched=True, remove_columns=ds.column_names)
+            fingerprint = map_fingerprint(
+                ds,
+                encode,
+                [self.tokenizer],
+                prompts=encode_prompts.__code__,
+                max_prompt_length=self.max_prompt_length,
+                max_length=self.max_length,
+            )
+            ds = ds.map(encode, batched=True, remove_columns=ds.column_names, new_fingerprint=fingerprint)
             ds = ds.add_column("idx", list(range(len(ds))))
             ds.set_format("python")
             self._tokenized[split] = ds
