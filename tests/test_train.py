@@ -562,7 +562,7 @@ def test_every_shipped_config_loads() -> None:
         ("subset_layers", 150, 150),
         ("subset_layers_cls", 120, 120),
         ("tasks", 420, 420),
-        ("tokens_multiemo", 120, 66),
+        ("tokens_multiemo", 120, 112),
     ],
 )
 def test_shipped_results_keep_their_identity(name: str, runs: int, finished: int) -> None:
