@@ -628,14 +628,13 @@ def _worker_context() -> Any:
 
 
 def _child(
-    runner: Runner, cfg: DistillConfig, threads: int | None, conn: Any, environ: dict[str, str] | None = None
+    runner: Runner, cfg: DistillConfig, threads: int | None, conn: Any, environ: dict[str, str]
 ) -> None:
     """Body of a worker process: one run, its outcome sent back through ``conn``. ``environ`` is
     the parent's environment when it started the run (a forkserver worker would otherwise have the
     server's, frozen when the server started)."""
-    if environ is not None:
-        os.environ.clear()
-        os.environ.update(environ)
+    os.environ.clear()
+    os.environ.update(environ)
     _limit_threads(threads)
     start = time.perf_counter()
     try:

@@ -342,7 +342,7 @@ class InstructionTask:
                 ds,
                 encode,
                 [self.tokenizer],
-                prompts=encode_prompts.__code__,
+                prompts=[f.__code__ for f in (encode_prompts, _user_turn, format_prompt)],
                 max_prompt_length=self.max_prompt_length,
                 max_length=self.max_length,
             )
