@@ -562,7 +562,7 @@ def test_every_shipped_config_loads() -> None:
         ("subset_layers", 150, 150),
         ("subset_layers_cls", 120, 120),
         ("tasks", 420, 420),
-        ("tokens_multiemo", 120, 112),
+        ("tokens_multiemo", 120, 120),
         ("tokens_r8", 120, 48),
     ],
 )
