@@ -563,7 +563,7 @@ def test_every_shipped_config_loads() -> None:
         ("subset_layers_cls", 120, 120),
         ("tasks", 420, 420),
         ("tokens_multiemo", 120, 120),
-        ("tokens_r8", 120, 48),
+        ("tokens_r8", 120, 120),
     ],
 )
 def test_shipped_results_keep_their_identity(name: str, runs: int, finished: int) -> None:
