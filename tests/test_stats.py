@@ -492,3 +492,69 @@ def test_report_says_why_loss_curves_are_missing(tmp_path: Path) -> None:
     md = write_report(a, tmp_path / "report")["markdown"].read_text()
     assert "no loss-term curves: none of its 6 runs' log.jsonl is at hand" in md
     assert not (tmp_path / "report" / "loss_curves.png").exists()
+
+
+def test_report_pairs_runs_across_sweeps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Several results files are one table: the same method in two sweeps is two treatments told
+    apart by ``sweep``, paired on their common replicates; a run both files hold (the same config
+    hash: a reused KD row) counts once; one file alone gets no sweep column."""
+    from geodistill.cli import main
+
+    # sweep "cls": KD and Gram; sweep "tokens": the same KD runs (reused) and its own Gram, 1 point up
+    cls_rows = rows_for({("kd", None): 0.0, ("kd+gram", 0.1): 0.0}, seeds=range(8), rng_seed=1)
+    tok_rows = [dict(r, sweep="tokens") for r in cls_rows if r["method"] == "kd"]
+    tok_rows += [
+        dict(r, sweep="tokens", run_id=r["run_id"] + "-tok", config_hash=r["config_hash"] + "|tokens")
+        for r in rows_for({("kd+gram", 0.1): 0.01}, seeds=range(8), rng_seed=2)
+    ]
+    paths = [tmp_path / "cls" / "results.jsonl", tmp_path / "tokens" / "results.jsonl"]
+    for path, rows in zip(paths, (cls_rows, tok_rows), strict=True):
+        for r in rows:
+            append_row(path, r)  # the cls rows have no sweep column: the folder names it
+
+    a, out = report(paths, tmp_path / "both", resamples=200)
+    assert a.columns["treatment"] == ["method", "alpha", "sweep"]
+    kd = [g for g in a.groups if g.treatment["method"] == "kd"]
+    assert len(kd) == 1 and kd[0].n == 8 and kd[0].treatment["sweep"] == "cls"
+    assert {c.treatment["sweep"] for c in a.comparisons} == {"cls", "tokens"}
+    assert any("8 finished run(s)" in n and "count once" in n for n in a.notes)
+
+    # the tokens sweep's Gram against the cls sweep's, on the same seeds
+    a, _ = report(
+        paths,
+        tmp_path / "gram",
+        resamples=200,
+        baseline="kd+gram@sweep=cls",
+        where={"method": ["kd+gram"]},
+    )
+    (c,) = a.comparisons
+    gram = {
+        (r.get("sweep", "cls"), r["seed"]): r["test.accuracy"]
+        for r in cls_rows + tok_rows
+        if r["method"] == "kd+gram"
+    }
+    expect = np.mean([100 * (gram["tokens", s] - gram["cls", s]) for s in range(8)])
+    assert c.pairs == 8 and c.treatment["sweep"] == "tokens"
+    assert c.mean_diff == pytest.approx(expect, abs=1e-9) and c.mean_diff > 0.5
+    assert "Source: `" + str(paths[0]) + ", " + str(paths[1]) + "`" in out["markdown"].read_text()
+
+    single, _ = report(paths[1], tmp_path / "one", resamples=200)
+    assert "sweep" not in single.columns["treatment"]
+    assert (
+        main(
+            [
+                "report",
+                *map(str, paths),
+                "--out",
+                str(tmp_path / "cli"),
+                "--where",
+                "method=kd+gram",
+                "--baseline",
+                "kd+gram@sweep=cls",
+            ]
+        )
+        == 0
+    )
+    assert "sweep=tokens" in capsys.readouterr().out
+    assert main(["report", str(paths[0]), str(tmp_path / "nowhere.jsonl")]) == 2
+    assert "nowhere.jsonl" in capsys.readouterr().err

@@ -274,9 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "report",
-        help="paired statistics of a sweep's results.jsonl against a baseline: tables, plots, verdicts",
+        help="paired statistics of a sweep's results.jsonl (or several sweeps') against a baseline: "
+        "tables, plots, verdicts",
     )
-    p.add_argument("results", help="results.jsonl written by geodistill sweep")
+    p.add_argument(
+        "results",
+        nargs="+",
+        help="results.jsonl written by geodistill sweep; several are one table, their runs paired "
+        "across sweeps and told apart by a sweep column (--baseline kd+gram@sweep=tokens_r8)",
+    )
     p.add_argument(
         "--baseline",
         default="kd",

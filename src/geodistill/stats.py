@@ -46,6 +46,7 @@ __all__ = [
     "analyse",
     "bootstrap_mean_ci",
     "holm",
+    "merge_results",
     "minimum_detectable_effect",
     "paired_power",
     "report",
@@ -393,8 +394,12 @@ def analyse(
     alpha: float = 0.05,
     power: float = 0.8,
     results_dir: Path | None = None,
+    treatment_extra: Sequence[str] = (),
 ) -> Analysis:
     """Groups, paired comparisons with the baseline, Holm corrections and verdicts.
+
+    ``treatment_extra`` names row columns that also tell treatments apart (``sweep`` when the rows
+    come from several sweeps: :func:`merge_results`).
 
     Raises :class:`PairingError` when a treatment and its baseline share no replicate, and
     :class:`StatsError` for an unknown metric, a missing or ambiguous baseline, or two different
@@ -413,6 +418,7 @@ def analyse(
         raise StatsError("no finished runs (status ok) in the results")
     metric = _resolve_metric(ok, metric)
     cols = _columns(ok)
+    cols["treatment"] += [c for c in treatment_extra if c not in cols["treatment"]]
     notes: list[str] = []
 
     groups: dict[tuple, Group] = {}
@@ -1151,8 +1157,46 @@ def _summary(a: Analysis) -> dict[str, Any]:
     }
 
 
+def merge_results(paths: Sequence[str | Path]) -> tuple[list[dict[str, Any]], list[str], bool]:
+    """The rows of several results files as one table, to pair runs across sweeps on the same
+    replicates (e.g. a multi-layer cell against the last layer's, or CLS against every token).
+
+    Each row keeps its sweep's name in ``sweep`` (the file's folder name for a row without one).
+    A run that several files hold (the same config hash: a KD row one sweep reused from another, or
+    a copied results file) counts once, from the first file that holds it. Returns the rows, notes
+    for the report, and whether they come from more than one sweep (then ``sweep`` is a treatment
+    column: the same method in two sweeps is two treatments, e.g.
+    ``--baseline kd+procrustes@sweep=tokens_r8``).
+    """
+    from geodistill.experiments import read_rows
+
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}  # config hash of a finished run -> the file it was taken from
+    dropped: dict[tuple[str, str], int] = {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"results file {path} not found")
+        for row in read_rows(path):
+            row = {**row, "sweep": row.get("sweep") or path.parent.name}
+            # resolve where its run's logs are now (loss curves), relative to its own file
+            row["output_dir"] = str(_run_dir(row, path.parent))
+            digest = str(row.get("config_hash"))
+            if row.get("status", "ok") == "ok" and row.get("config_hash") is not None:
+                if digest in seen:
+                    key = (str(path), seen[digest])
+                    dropped[key] = dropped.get(key, 0) + 1
+                    continue
+                seen[digest] = str(path)
+            rows.append(row)
+    notes = [
+        f"{n} finished run(s) of {later} are also in {first} (same config hash) and count once, from {first}."
+        for (later, first), n in dropped.items()
+    ]
+    return rows, notes, len({r["sweep"] for r in rows}) > 1
+
+
 def report(
-    results_path: str | Path,
+    results_path: str | Path | Sequence[str | Path],
     out_dir: str | Path | None = None,
     *,
     baseline: str = "kd",
@@ -1163,15 +1207,15 @@ def report(
 ) -> tuple[Analysis, dict[str, Path]]:
     """Read a results.jsonl, analyse it and write the report (default: ``<its dir>/report``).
 
+    Several results files are analysed as one table (:func:`merge_results`): runs of different
+    sweeps pair on their common replicates, and the sweep's name tells their treatments apart.
     ``where`` keeps only the rows with the given column values (see :func:`select_rows`), e.g. the
     data splits that did not choose a hyper-parameter; the report's source line names the filter.
     """
-    from geodistill.experiments import read_rows
-
-    results_path = Path(results_path)
-    if not results_path.is_file():
-        raise FileNotFoundError(f"results file {results_path} not found")
-    rows = read_rows(results_path)
+    paths = [Path(results_path)] if isinstance(results_path, str | Path) else [Path(p) for p in results_path]
+    if not paths:
+        raise StatsError("no results file given")
+    rows, merge_notes, several = merge_results(paths)
     if where:
         rows = select_rows(rows, where)
     a = analyse(
@@ -1180,13 +1224,14 @@ def report(
         baseline=baseline,
         seed=seed,
         resamples=resamples,
-        results_dir=results_path.parent,
+        treatment_extra=("sweep",) if several else (),
     )
-    out = Path(out_dir) if out_dir is not None else results_path.parent / "report"
+    a.notes += merge_notes
+    out = Path(out_dir) if out_dir is not None else paths[0].parent / "report"
     return a, write_report(
         a,
         out,
-        source=str(results_path),
+        source=", ".join(map(str, paths)),
         selection=describe_where(where) if where else "",
         seed=seed,
         resamples=resamples,
