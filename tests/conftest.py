@@ -14,8 +14,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib
 import csv
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from tokenizers import Tokenizer, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
+from geodistill.assets import AssetUnavailable
 from geodistill.config import DistillConfig, apply_overrides, from_dict
 
 VOCAB = 64
@@ -61,6 +64,18 @@ def tiny_bert(
         pad_token_id=0,
     )
     return BertForSequenceClassification(cfg)
+
+
+@contextlib.contextmanager
+def skip_if_unavailable() -> Iterator[None]:
+    """Skip (not pass) a test whose real data the package index no longer serves, with the
+    reason; any other failure to fetch, verify or read an asset still fails the test. Since
+    2026-12-04 pypi.org lists bigbench 0.0.1 only (1.0.0's files answer 403): a machine whose
+    cache holds bigbench-1.0.0.tar.gz runs these tests, a fresh one skips them."""
+    try:
+        yield
+    except AssetUnavailable as e:
+        pytest.skip(f"real data not obtainable here: {e}")
 
 
 def write_dataset(path: Path, n: int, seed: int) -> None:

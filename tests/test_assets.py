@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from geodistill import assets
-from geodistill.assets import Asset, AssetError, archive_path, asset_path
+from geodistill.assets import Asset, AssetError, AssetUnavailable, archive_path, asset_path
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="file locks are POSIX-only")
 
@@ -144,9 +144,59 @@ def test_download_reads_the_simple_index_and_leaves_no_partial_file(
     monkeypatch.setitem(assets.ASSETS, "fake", Asset(**{**asset.__dict__, "filename": "gone.whl"}))
     with pytest.raises(
         AssetError, match=r"gone\.whl .*broken\.example.*connection refused; .*no file gone\.whl"
-    ):
+    ) as err:
         archive_path("fake")
+    assert not isinstance(err.value, AssetUnavailable)  # one index did not answer: it may still have it
     assert not list(path.parent.glob("*.part"))
+
+
+def test_a_file_no_index_serves_is_unavailable_and_a_seeded_copy_stands_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What happened to bigbench 1.0.0 on 2026-12-04: the index lists another version only, or
+    lists the file and answers 403 for it. The error says so, and how to seed a copy by hand."""
+    import io
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = b"sdist bytes " * 1000
+    asset = Asset("fake", "1.0", "fake-1.0.tar.gz", hashlib.sha256(data).hexdigest(), "MIT", "test")
+    monkeypatch.setitem(assets.ASSETS, "fake", asset)
+    monkeypatch.setenv("GEODISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("GEODISTILL_ASSET_DIR", raising=False)
+    monkeypatch.setattr(
+        assets, "_index_urls", lambda: ["https://a.example/simple", "https://b.example/simple"]
+    )
+
+    def urlopen(req: urllib.request.Request | str, timeout: float = 0) -> io.BytesIO:
+        url = req.full_url if isinstance(req, urllib.request.Request) else req
+        if url == "https://a.example/simple/fake/":
+            return io.BytesIO(json.dumps({"files": [{"filename": "fake-0.0.1.tar.gz", "url": "x"}]}).encode())
+        if url == "https://b.example/simple/fake/":
+            files = [{"filename": asset.filename, "url": "https://files.example/fake-1.0.tar.gz"}]
+            return io.BytesIO(json.dumps({"files": files}).encode())
+        raise urllib.error.HTTPError(url, 403, "Forbidden", {}, io.BytesIO(b"not available"))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    with pytest.raises(AssetUnavailable) as err:
+        archive_path("fake")
+    msg = str(err.value)
+    assert "no configured package index serves it" in msg
+    assert "a.example/simple/fake/: no file fake-1.0.tar.gz (it lists fake-0.0.1.tar.gz)" in msg
+    assert "files.example/fake-1.0.tar.gz: HTTP 403 Forbidden" in msg
+    assert asset.sha256 in msg and "GEODISTILL_ASSET_DIR" in msg
+    archives = tmp_path / "cache" / "archives"
+    assert sorted(p.name for p in archives.iterdir() if not p.name.startswith(".")) == []
+
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / asset.filename).write_bytes(b"tampered" + data)
+    monkeypatch.setenv("GEODISTILL_ASSET_DIR", str(seed))
+    with pytest.raises(AssetError, match=r"checksum mismatch for fake-1\.0\.tar\.gz"):
+        archive_path("fake")  # a seeded copy is verified like a download
+    (seed / asset.filename).write_bytes(data)
+    assert archive_path("fake").read_bytes() == data  # no index asked: urlopen would refuse
 
 
 def test_written_whole_renames_on_success_and_cleans_up_on_error(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 from datasets import Dataset, DatasetDict
 
+from conftest import skip_if_unavailable
 from geodistill.data.instructions import (
     FEATURES,
     MINILLM_EVAL_SETS,
@@ -108,7 +109,8 @@ def test_sni_split_errors(tiny_ni) -> None:
 
 @pytest.fixture(scope="module")
 def ni():
-    return load_instructions("natural_instructions", split_seed=0)
+    with skip_if_unavailable():
+        return load_instructions("natural_instructions", split_seed=0)
 
 
 def test_natural_instructions_real(ni) -> None:
@@ -145,9 +147,10 @@ def test_natural_instructions_determinism_and_caps(ni) -> None:
 
 
 def test_natural_instructions_random_task_split() -> None:
-    a = load_instructions(
-        "natural_instructions", split_seed=3, heldout_tasks="random", max_train=100, max_eval=50
-    )
+    with skip_if_unavailable():
+        a = load_instructions(
+            "natural_instructions", split_seed=3, heldout_tasks="random", max_train=100, max_eval=50
+        )
     b = load_instructions(
         "natural_instructions", split_seed=4, heldout_tasks="random", max_train=100, max_eval=50
     )

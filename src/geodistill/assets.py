@@ -20,6 +20,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ __all__ = [
     "ASSETS",
     "Asset",
     "AssetError",
+    "AssetUnavailable",
     "archive_path",
     "asset_path",
     "cache_dir",
@@ -40,6 +42,11 @@ __all__ = [
 
 class AssetError(RuntimeError):
     """An offline asset could not be fetched, verified or read."""
+
+
+class AssetUnavailable(AssetError):
+    """Every configured package index answered, and none serves the pinned file (a release that
+    was yanked, deleted or blocked upstream). Only a copy seeded by hand can stand in for it."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,7 @@ def _index_urls() -> list[str]:
 
 def _download(asset: Asset, dest: Path) -> None:
     errors = []
+    refused = 0  # indexes that answered and do not serve the file (as opposed to network errors)
     for index in _index_urls():
         url = f"{index}/{asset.project}/"
         try:
@@ -190,13 +198,25 @@ def _download(asset: Asset, dest: Path) -> None:
                 shutil.copyfileobj(r, f, length=1 << 20)
             return
         except StopIteration:
-            errors.append(f"{url}: no file {asset.filename}")
+            listed = sorted({str(f.get("filename")) for f in files})
+            errors.append(f"{url}: no file {asset.filename} (it lists {', '.join(listed) or 'nothing'})")
+            refused += 1
+        except urllib.error.HTTPError as e:
+            errors.append(f"{e.url or url}: HTTP {e.code} {e.reason}")
+            refused += e.code in (403, 404, 410)
         except Exception as e:  # network errors, non-JSON index: try the next index
             errors.append(f"{url}: {e}")
+    seed = (
+        f"If you have a copy (sha256 {asset.sha256}), put it in {cache_dir() / 'archives'} "
+        "or in a directory named by $GEODISTILL_ASSET_DIR."
+    )
+    if errors and refused == len(errors):
+        raise AssetUnavailable(
+            f"could not download {asset.filename} ({asset.project}=={asset.version}): no configured "
+            f"package index serves it: {'; '.join(errors)}. {seed}"
+        )
     raise AssetError(
-        f"could not download {asset.filename} ({asset.project}=={asset.version}): "
-        + "; ".join(errors)
-        + f". Put the file in {cache_dir() / 'archives'} to use it offline."
+        f"could not download {asset.filename} ({asset.project}=={asset.version}): {'; '.join(errors)}. {seed}"
     )
 
 

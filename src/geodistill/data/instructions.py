@@ -38,7 +38,7 @@ from datasets import Dataset, DatasetDict, DatasetInfo, Features, List, Value
 from datasets.table import InMemoryTable
 
 from geodistill.assets import ASSETS, asset_path, cache_dir
-from geodistill.data.sources import load_hub, load_hub_dict, read_records
+from geodistill.data.sources import hub_kwargs, load_hub, load_hub_dict, read_records
 from geodistill.data.splits import rng_for, stratified_subsample
 
 __all__ = [
@@ -645,12 +645,14 @@ def load_instructions(
     bad = sorted(set(options) - accepted)
     if bad:
         raise ValueError(f"{name} does not take {bad} (it takes {sorted(accepted)})")
-    data = loader(split_seed=split_seed, **options)
-
     if eval_sets == "minillm":
         eval_sets = MINILLM_EVAL_SETS
     elif isinstance(eval_sets, str):
         raise ValueError(f"eval_sets must be a mapping or 'minillm', got {eval_sets!r}")
+    for spec in (eval_sets or {}).values():  # every option is checked before any data is read
+        if not (isinstance(spec, str) and Path(spec).suffix.lower() in (".jsonl", ".json")):
+            hub_kwargs(spec)
+    data = loader(split_seed=split_seed, **options)
     extra = {k: _load_eval_set(k, spec) for k, spec in (eval_sets or {}).items()}
     return finish_instructions(data, extra, split_seed=split_seed, max_train=max_train, max_eval=max_eval)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-__all__ = ["HUB_SPEC_KEYS", "SUFFIXES", "load_hub", "load_hub_dict", "read_records"]
+__all__ = ["HUB_SPEC_KEYS", "SUFFIXES", "hub_kwargs", "load_hub", "load_hub_dict", "read_records"]
 
 SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 HUB_SPEC_KEYS = ("path", "name", "data_files", "data_dir", "split", "revision")
@@ -99,14 +99,13 @@ def read_records(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]
     return columns, records
 
 
-def load_hub(spec: str | Mapping[str, Any], *, split: str | None = None) -> Dataset | DatasetDict:
-    """``datasets.load_dataset`` for a spec: ``"owner/name[:config]"`` or a dict of its arguments.
+def hub_kwargs(spec: str | Mapping[str, Any], *, split: str | None = None) -> dict[str, Any]:
+    """The ``datasets.load_dataset`` arguments of a spec, checked without loading anything.
 
-    Dict keys must come from :data:`HUB_SPEC_KEYS` (path, name, data_files, data_dir, split,
-    revision); ``split`` fills in a missing "split". Needs hub access (or a local HF cache).
+    A spec is ``"owner/name[:config]"`` or a dict whose keys come from :data:`HUB_SPEC_KEYS`
+    (path, name, data_files, data_dir, split, revision) and include "path"; ``split`` fills in a
+    missing "split".
     """
-    from datasets import load_dataset
-
     if isinstance(spec, str):
         path, _, config = spec.partition(":")
         kwargs: dict[str, Any] = {"path": path, **({"name": config} if config else {})}
@@ -119,6 +118,15 @@ def load_hub(spec: str | Mapping[str, Any], *, split: str | None = None) -> Data
         kwargs = dict(spec)
     if split is not None:
         kwargs.setdefault("split", split)
+    return kwargs
+
+
+def load_hub(spec: str | Mapping[str, Any], *, split: str | None = None) -> Dataset | DatasetDict:
+    """``datasets.load_dataset`` for a spec (see :func:`hub_kwargs`). Needs hub access (or a
+    local HF cache)."""
+    from datasets import load_dataset
+
+    kwargs = hub_kwargs(spec, split=split)
     try:
         return load_dataset(**kwargs)
     except Exception as e:  # offline, unknown repo, bad config or file: one line naming the dataset
