@@ -254,11 +254,17 @@ def test_unpaired_runs_are_refused_clearly() -> None:
         analyse(rows)
 
 
-def test_partly_paired_runs_use_the_common_seeds() -> None:
+def test_partly_paired_runs_use_the_common_seeds(tmp_path: Path) -> None:
     rows = rows_for({("kd", None): 0.0, ("kd+procrustes", 1): 0.01}, seeds=range(6))
     rows = [r for r in rows if not (r["method"] == "kd" and r["seed"] == 5)]
-    (c,) = analyse(rows, resamples=500).comparisons
-    assert c.pairs == 5 and c.unpaired == 1
+    a = analyse(rows, resamples=500)
+    (c,) = a.comparisons
+    assert c.pairs == 5 and c.unpaired == 1 and c.unpaired_baseline == 0  # kd lost seed 5
+    md = write_report(a, tmp_path / "report")["markdown"].read_text()
+    assert (
+        "kd+procrustes (alpha=1) vs kd (task=rte): 1 run(s) without a partner left out "
+        "(1 of kd+procrustes (alpha=1), 0 of the baseline)."
+    ) in md
 
 
 def test_last_step_metric_is_reported_from_the_rows_that_have_it() -> None:

@@ -230,6 +230,7 @@ class Comparison:
     baseline: dict[str, Any]
     pairs: int
     unpaired: int  # runs of either group without a partner, left out
+    unpaired_baseline: int  # of those, the baseline's
     mean_diff: float
     sd_diff: float
     ci_low: float
@@ -549,6 +550,7 @@ def _compare(
         baseline=base.treatment,
         pairs=len(common),
         unpaired=g.n + base.n - 2 * len(common),
+        unpaired_baseline=base.n - len(common),
         mean_diff=float(diffs.mean()),
         sd_diff=sd,
         ci_low=lo,
@@ -1078,8 +1080,11 @@ def write_report(
         notes.append("Failed runs (error rows, not used): " + ", ".join(a.rows_failed) + ".")
     unpaired = [c for c in a.comparisons if c.unpaired]
     for c in unpaired:
+        own = c.unpaired - c.unpaired_baseline
+        where = f" ({_label(c.setting)})" if c.setting else ""
         notes.append(
-            f"{_label(c.treatment)} ({_label(c.setting)}): {c.unpaired} run(s) without a partner left out."
+            f"{_label(c.treatment)} vs {_label(c.baseline)}{where}: {c.unpaired} run(s) without a partner "
+            f"left out ({own} of {_label(c.treatment)}, {c.unpaired_baseline} of the baseline)."
         )
     if any(0 < c.pairs <= 5 for c in a.comparisons):
         notes.append(
@@ -1136,6 +1141,7 @@ def _summary(a: Analysis) -> dict[str, Any]:
                 "baseline": c.baseline,
                 "pairs": c.pairs,
                 "unpaired": c.unpaired,
+                "unpaired_baseline": c.unpaired_baseline,
                 "mean_diff": c.mean_diff,
                 "ci": [_finite(c.ci_low), _finite(c.ci_high)],
                 "sd_diff": _finite(c.sd_diff),
