@@ -507,8 +507,13 @@ def instructions_from_hub(
     )
 
 
+def _is_local_file(spec: str | Mapping[str, Any]) -> bool:
+    """Whether an evaluation-set spec names a local .jsonl/.json file (else it is a hub spec)."""
+    return isinstance(spec, str) and Path(spec).suffix.lower() in (".jsonl", ".json")
+
+
 def _load_eval_set(name: str, spec: str | Mapping[str, Any]) -> Dataset:
-    if isinstance(spec, str) and Path(spec).suffix.lower() in (".jsonl", ".json"):
+    if _is_local_file(spec):
         columns, records = read_records(Path(spec))
         return _map_rows([r for _, r in records], columns, spec, task=name, strict=True)[0]
     ds = load_hub(spec, split="train")
@@ -650,7 +655,7 @@ def load_instructions(
     elif isinstance(eval_sets, str):
         raise ValueError(f"eval_sets must be a mapping or 'minillm', got {eval_sets!r}")
     for spec in (eval_sets or {}).values():  # every option is checked before any data is read
-        if not (isinstance(spec, str) and Path(spec).suffix.lower() in (".jsonl", ".json")):
+        if not _is_local_file(spec):
             hub_kwargs(spec)
     data = loader(split_seed=split_seed, **options)
     extra = {k: _load_eval_set(k, spec) for k, spec in (eval_sets or {}).items()}
