@@ -565,7 +565,7 @@ def test_every_shipped_config_loads() -> None:
         ("tokens_multiemo", 120, 120),
         ("tokens_r8", 120, 120),
         ("layers_tasks", 240, 240),
-        ("subset_tasks", 240, 150),
+        ("subset_tasks", 240, 180),
         ("layers_cls_tasks", 240, 240),
     ],
 )
