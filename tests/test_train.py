@@ -567,7 +567,7 @@ def test_every_shipped_config_loads() -> None:
         ("layers_tasks", 240, 240),
         ("subset_tasks", 240, 180),
         ("layers_cls_tasks", 240, 240),
-        ("layers_tokens_alpha", 44, 0),
+        ("layers_tokens_alpha", 44, 44),
     ],
 )
 def test_shipped_results_keep_their_identity(name: str, runs: int, finished: int) -> None:
