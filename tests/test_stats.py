@@ -487,6 +487,42 @@ def test_report_where_keeps_only_the_named_rows(tmp_path: Path, capsys: pytest.C
     assert "column=value" in capsys.readouterr().err
 
 
+def test_loss_curve_figure_keeps_each_treatment_one_colour_and_names_all(tmp_path: Path) -> None:
+    """A term only some treatments log (here ``cka``, sorted first) must neither drop the others
+    from the legend nor shift their colours from panel to panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from geodistill.stats import _loss_curve_figure
+
+    steps = [10, 20, 30]
+    curves = {
+        "kd": {"kd": (steps, [0.9, 0.5, 0.3])},
+        "kd+cka": {"kd": (steps, [0.8, 0.5, 0.3]), "cka": (steps, [0.4, 0.2, 0.1])},
+        "kd+procrustes": {"kd": (steps, [0.7, 0.4, 0.2]), "procrustes": (steps, [0.5, 0.3, 0.2])},
+    }
+    fig = _loss_curve_figure(plt, curves, "task=rt")
+    try:
+        assert [ax.get_title() for ax in fig.axes] == ["loss/cka", "loss/kd", "loss/procrustes"]
+        colour: dict[str, set[str]] = {}
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                colour.setdefault(line.get_label(), set()).add(matplotlib.colors.to_hex(line.get_color()))
+        assert set(colour) == set(curves) and all(len(c) == 1 for c in colour.values())
+        assert len({next(iter(c)) for c in colour.values()}) == 3  # three treatments, three colours
+        (legend,) = fig.legends
+        shown = {
+            t.get_text(): matplotlib.colors.to_hex(h.get_color())
+            for t, h in zip(legend.get_texts(), legend.legend_handles, strict=True)
+        }
+        assert shown == {lbl: next(iter(c)) for lbl, c in colour.items()}
+        fig.savefig(tmp_path / "curves.png")  # the constrained layout with the legend outside draws
+    finally:
+        plt.close(fig)
+
+
 def test_report_says_why_loss_curves_are_missing(tmp_path: Path) -> None:
     """Rows whose runs' logs are gone (a committed results file without its runs/): the report
     says there are no loss curves and why, instead of leaving the figure out silently."""

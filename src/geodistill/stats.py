@@ -875,18 +875,7 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
         curves, logged = _loss_curves(groups)
         runs = sum(len(g.run_dirs) for g in groups)
         if curves:
-            terms = sorted({t for per in curves.values() for t in per})
-            fig, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.5), squeeze=False)
-            for ax, term in zip(axes[0], terms, strict=True):
-                for lbl, per in curves.items():
-                    if term in per:
-                        steps, values = per[term]
-                        ax.plot(steps, values, label=lbl)
-                ax.set_title(f"loss/{term}", fontsize=9)
-                ax.set_xlabel("step")
-            axes[0][0].legend(fontsize=6)
-            fig.suptitle(where, fontsize=9)
-            fig.tight_layout()
+            fig = _loss_curve_figure(plt, curves, where)
             fig.savefig(out_dir / name("loss_curves", i), dpi=120)
             plt.close(fig)
             over = (
@@ -938,6 +927,32 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _loss_curve_figure(
+    plt: Any, curves: dict[str, dict[str, tuple[list[int], list[float]]]], title: str
+) -> Any:
+    """One panel per loss term; each treatment keeps one colour in every panel, and one legend
+    below the panels names every treatment (a term only some treatments log, e.g. ``cka``, must
+    not hide the others or shift their colours)."""
+    from matplotlib.lines import Line2D
+
+    terms = sorted({t for per in curves.values() for t in per})
+    colour = {lbl: f"C{k % 10}" for k, lbl in enumerate(curves)}
+    fig, axes = plt.subplots(
+        1, len(terms), figsize=(4 * len(terms), 3.8), squeeze=False, layout="constrained"
+    )
+    for ax, term in zip(axes[0], terms, strict=True):
+        for lbl, per in curves.items():
+            if term in per:
+                steps, values = per[term]
+                ax.plot(steps, values, color=colour[lbl], label=lbl)
+        ax.set_title(f"loss/{term}", fontsize=9)
+        ax.set_xlabel("step")
+    handles = [Line2D([], [], color=colour[lbl], label=lbl) for lbl in curves]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return fig
 
 
 def _loss_curves(groups: list[Group]) -> tuple[dict[str, dict[str, tuple[list[int], list[float]]]], int]:
