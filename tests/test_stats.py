@@ -521,6 +521,16 @@ def test_loss_curve_figure_keeps_each_treatment_one_colour_and_names_all(tmp_pat
         fig.savefig(tmp_path / "curves.png")  # the constrained layout with the legend outside draws
     finally:
         plt.close(fig)
+    many = {f"kd+procrustes (alpha={k})": {"kd": (steps, [1.0, 0.5, 0.1 * k])} for k in range(25)}
+    fig = _loss_curve_figure(plt, many, "task=rt")
+    try:
+        drawn = {
+            (matplotlib.colors.to_hex(line.get_color()), line.get_linestyle())
+            for line in fig.axes[0].get_lines()
+        }
+        assert len(drawn) == 25  # past ten treatments colours do not repeat; past twenty the style changes
+    finally:
+        plt.close(fig)
 
 
 def test_report_says_why_loss_curves_are_missing(tmp_path: Path) -> None:

@@ -938,7 +938,12 @@ def _loss_curve_figure(
     from matplotlib.lines import Line2D
 
     terms = sorted({t for per in curves.values() for t in per})
-    colour = {lbl: f"C{k % 10}" for k, lbl in enumerate(curves)}
+    # tab10 while it lasts, then tab20; past 20 treatments the line style changes too
+    palette = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20").colors
+    style = {
+        lbl: (palette[k % len(palette)], ("-", "--", ":", "-.")[k // len(palette) % 4])
+        for k, lbl in enumerate(curves)
+    }
     fig, axes = plt.subplots(
         1, len(terms), figsize=(4 * len(terms), 3.8), squeeze=False, layout="constrained"
     )
@@ -946,10 +951,10 @@ def _loss_curve_figure(
         for lbl, per in curves.items():
             if term in per:
                 steps, values = per[term]
-                ax.plot(steps, values, color=colour[lbl], label=lbl)
+                ax.plot(steps, values, color=style[lbl][0], linestyle=style[lbl][1], label=lbl)
         ax.set_title(f"loss/{term}", fontsize=9)
         ax.set_xlabel("step")
-    handles = [Line2D([], [], color=colour[lbl], label=lbl) for lbl in curves]
+    handles = [Line2D([], [], color=style[lbl][0], linestyle=style[lbl][1], label=lbl) for lbl in curves]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), fontsize=7)
     fig.suptitle(title, fontsize=9)
     return fig
