@@ -941,7 +941,7 @@ def _loss_curve_figure(
     # tab10 while it lasts, then tab20; past 20 treatments the line style changes too
     palette = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20").colors
     style = {
-        lbl: (palette[k % len(palette)], ("-", "--", ":", "-.")[k // len(palette) % 4])
+        lbl: {"color": palette[k % len(palette)], "linestyle": ("-", "--", ":", "-.")[k // len(palette) % 4]}
         for k, lbl in enumerate(curves)
     }
     fig, axes = plt.subplots(
@@ -951,10 +951,10 @@ def _loss_curve_figure(
         for lbl, per in curves.items():
             if term in per:
                 steps, values = per[term]
-                ax.plot(steps, values, color=style[lbl][0], linestyle=style[lbl][1], label=lbl)
+                ax.plot(steps, values, label=lbl, **style[lbl])
         ax.set_title(f"loss/{term}", fontsize=9)
         ax.set_xlabel("step")
-    handles = [Line2D([], [], color=style[lbl][0], linestyle=style[lbl][1], label=lbl) for lbl in curves]
+    handles = [Line2D([], [], label=lbl, **style[lbl]) for lbl in curves]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3), fontsize=7)
     fig.suptitle(title, fontsize=9)
     return fig
