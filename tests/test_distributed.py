@@ -7,6 +7,7 @@ run interrupted and resumed ends bit-identical; checkpoints and logs are written
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import socket
@@ -39,9 +40,12 @@ def _launch(fn, *args) -> None:
 
     As under torchrun, the launcher (this process) hosts the rendezvous store and every rank is a
     client (TORCHELASTIC_USE_AGENT_STORE): when rank 0 hosted it, rank 0 could exit first and leave
-    rank 1 waiting on a store that was gone (seen twice here: exit codes [0, None]). It was seen once
-    more with the launcher hosting it, after the ranks' last barrier: a rank still alive
-    TEARDOWN_GRACE_S after another exited 0 is killed with a warning, not failed."""
+    rank 1 waiting on a store that was gone (seen twice here: exit codes [0, None]). Hangs at exit
+    went on with the launcher hosting it, about one launch in five on 2 busy cores, and once in CI
+    with both ranks stuck ([None, None]; no stacks were taken there): here py-spy showed a DDP
+    module outliving the group, fixed in :func:`_close_group`. A rank still alive TEARDOWN_GRACE_S
+    after another exited 0 is still killed with a warning, not failed: all a test checks is written
+    before teardown."""
     from torch.distributed import TCPStore
 
     store = TCPStore("127.0.0.1", 0, WORLD, is_master=True, wait_for_workers=False)
@@ -86,7 +90,32 @@ def _entry(rank: int, fn, port: int, args: tuple) -> None:
         TOKENIZERS_PARALLELISM="false",
     )
     torch.set_num_threads(1)
+    # a rank still running near the launcher's deadline prints every thread's stack (into the
+    # test's captured stderr), so a hang in CI says where it is
+    faulthandler.dump_traceback_later(LAUNCH_TIMEOUT_S - 30, exit=False)
     fn(rank, *args)
+    _close_group()
+
+
+def _close_group() -> None:
+    """Tear the group down once ``fn`` and everything it made are gone. A DDP module that outlives
+    ``destroy_process_group`` holds the group's last reference; freeing it later runs
+    ``~ProcessGroupGloo`` from the Reducer's dealloc with the GIL held, and that destructor joins
+    gloo worker threads, one of which may still be releasing a finished work whose thread-local
+    state needs the GIL: a deadlock (py-spy, here: main thread in ``~Reducer`` ->
+    ``~ProcessGroupGloo`` -> ``thread::join``; worker in ``~AsyncAllreduceWork`` ->
+    ``gil_scoped_acquire``). It hung about one launch in five on 2 busy cores, at exit."""
+    import gc
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # the command under test closed it (geodistill.cli.main)
+        return
+    gc.collect()  # modules in reference cycles too, while the group is still registered
+    alive = [o for o in gc.get_objects() if isinstance(o, torch.nn.parallel.DistributedDataParallel)]
+    assert not alive, f"{len(alive)} DDP module(s) would outlive the process group"
+    dist.barrier()  # no rank tears the group down while another still uses it
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,8 +218,6 @@ def _global_loss_worker(rank: int, out: str) -> None:
             }
     if rank == 0:
         Path(out).write_text(json.dumps(results))
-    dist.barrier()  # no rank tears the group down while another still uses it
-    dist.destroy_process_group()
 
 
 def test_global_losses_and_gradients_equal_one_process(tmp_path: Path) -> None:
@@ -310,8 +337,6 @@ def _train_worker(rank: int, cfg_dict: dict, out: str, crash_at: int | None) -> 
     finally:
         torch.save = real_save
     Path(f"{out}.rank{rank}.json").write_text(json.dumps({"saves": saves, **_shard_sizes(r)}))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 def _shard_sizes(r) -> dict:
@@ -498,8 +523,6 @@ def _sweep_worker(rank: int, data: dict, out: str) -> None:
     Path(out, f"rank{rank}.json").write_text(
         json.dumps({"first": [first.finished, first.skipped], "again": [again.finished, again.skipped]})
     )
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 def test_sweep_under_torchrun_runs_each_run_across_all_ranks_and_writes_rows_once(
@@ -645,3 +668,40 @@ def test_real_launchers_run_distill_on_two_processes(assets, tmp_path: Path, lau
     init = bare(_initial_weights(make_cfg(assets, tmp_path / "init", *common)))
     moved = max((ddp[k].double() - init[k]).abs().max().item() for k in ddp)
     assert moved > 20 * tolerance, moved  # the steps did move the weights, far beyond the tolerance
+
+
+def _cli_worker(rank: int, config_file: str, out: str) -> None:
+    import gc
+
+    import geodistill.cli as cli
+
+    close, seen = cli._close_process_group, []
+
+    def checked_close() -> None:
+        # no collection first: what the command itself left alive when it closes the group
+        seen.append(sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects()))
+        close()
+
+    cli._close_process_group = checked_close
+    code = cli.main(["distill", config_file, "--quiet"])
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps({"code": code, "ddp_alive": seen, "closed": not torch.distributed.is_initialized()})
+    )
+
+
+def test_cli_frees_the_ddp_student_before_it_closes_the_group(assets, tmp_path: Path) -> None:
+    """`geodistill distill` under 2 ranks: by the time the CLI destroys the process group, no DDP
+    module is left alive. One freed later holds the group's last reference and can deadlock gloo's
+    teardown at exit (see :func:`_close_group`)."""
+    import yaml
+
+    from geodistill.config import to_dict
+
+    cfg = make_cfg(assets, tmp_path / "run", f"losses={LOSSES}", "train.max_steps=2", "train.eval_every=2")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(cfg)))
+    _launch(_cli_worker, str(config_file), str(tmp_path))
+    for rank in range(WORLD):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == {"code": 0, "ddp_alive": [0], "closed": True}, (rank, got)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["world_size"] == WORLD
