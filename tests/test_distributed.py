@@ -112,10 +112,16 @@ def _close_group() -> None:
     if not dist.is_initialized():  # the command under test closed it (geodistill.cli.main)
         return
     gc.collect()  # modules in reference cycles too, while the group is still registered
-    alive = [o for o in gc.get_objects() if isinstance(o, torch.nn.parallel.DistributedDataParallel)]
-    assert not alive, f"{len(alive)} DDP module(s) would outlive the process group"
+    alive = _ddp_modules_alive()
+    assert not alive, f"{alive} DDP module(s) would outlive the process group"
     dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
+
+
+def _ddp_modules_alive() -> int:
+    import gc
+
+    return sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -671,15 +677,13 @@ def test_real_launchers_run_distill_on_two_processes(assets, tmp_path: Path, lau
 
 
 def _cli_worker(rank: int, config_file: str, out: str) -> None:
-    import gc
-
     import geodistill.cli as cli
 
     close, seen = cli._close_process_group, []
 
     def checked_close() -> None:
         # no collection first: what the command itself left alive when it closes the group
-        seen.append(sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects()))
+        seen.append(_ddp_modules_alive())
         close()
 
     cli._close_process_group = checked_close
