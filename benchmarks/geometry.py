@@ -186,7 +186,7 @@ def bench(shapes: list[tuple[int, int, int]], device: str, repeats: int) -> list
 
 def peak_memory_check(device: str) -> list[dict]:
     """Gram and CKA at 65,536 tokens: peak extra memory must stay O(n d), not O(n^2)."""
-    n, d = 65_536, 1024 if device == "cuda" else 256
+    n, d = 65_536, 4096 if device == "cuda" else 256
     x, y = inputs(n, d, d, device, seed=1)
     out = []
     for name, f in (
@@ -196,28 +196,37 @@ def peak_memory_check(device: str) -> list[dict]:
     ):
         xg = x.detach().requires_grad_(True)
         if device == "cuda":
+            f(xg, y).backward()  # warm-up, then the measured call
+            xg.grad = None
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
+            t = time.perf_counter()
             f(xg, y).backward()
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - t) * 1000
             peak = torch.cuda.max_memory_allocated() - base
         else:
             from torch.profiler import ProfilerActivity, profile
 
+            t = time.perf_counter()
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 f(xg, y).backward()
+            ms = (time.perf_counter() - t) * 1000  # under the profiler: an upper bound
             peak = max(e.cpu_memory_usage for e in prof.events())  # largest single allocation
         out.append(
             {
                 "distance": name,
                 "n": n,
                 "d": d,
+                "ms": ms,
                 "peak_bytes": int(peak),
                 "n_by_n_float32_bytes": n * n * 4,
                 "input_bytes": n * d * 4,
             }
         )
         print(
-            f"{name}: n={n} d={d} peak {peak / 2**20:.0f} MiB (an n x n float32 matrix: {n * n * 4 / 2**30:.0f} GiB)",
+            f"{name}: n={n} d={d} {ms:.1f} ms fwd+bwd, peak {peak / 2**20:.0f} MiB (an n x n float32 matrix: {n * n * 4 / 2**30:.0f} GiB)",
             flush=True,
         )
     return out
@@ -241,14 +250,16 @@ def to_markdown(rows: list[dict], mem: list[dict], device: str, repeats: int) ->
         )
     lines += [
         "",
-        "Peak memory at 65,536 tokens (largest single allocation on the CPU; peak extra allocated on CUDA):",
+        "Peak memory at 65,536 tokens, forward + backward (largest single allocation on the CPU; peak "
+        "extra allocated on CUDA, after a warm-up call), with the time of that call:",
         "",
-        "| distance | n | d | peak MiB | n x n float32 would be |",
-        "|---|---:|---:|---:|---:|",
+        "| distance | n | d | ms | peak MiB | inputs MiB | n x n float32 would be |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for m in mem:
         lines.append(
-            f"| {m['distance']} | {m['n']} | {m['d']} | {m['peak_bytes'] / 2**20:.0f} | {m['n_by_n_float32_bytes'] / 2**30:.0f} GiB |"
+            f"| {m['distance']} | {m['n']} | {m['d']} | {m['ms']:.1f} | {m['peak_bytes'] / 2**20:.0f} | "
+            f"{2 * m['input_bytes'] / 2**20:.0f} | {m['n_by_n_float32_bytes'] / 2**30:.0f} GiB |"
         )
     return "\n".join(lines) + "\n"
 
