@@ -27,6 +27,9 @@ Numerics, shared by every function:
   one GEMM (its float32 accumulation over n = 262,144 centred rows stays inside the bound); the
   small ``d x d`` (or ``n x n`` when ``n < d``) decomposition runs in float64;
 * MPS has no float64: there the float64 statistics and the decomposition run on the CPU;
+* autocast is off inside every function: under ``torch.autocast`` a float32 matrix product would
+  run in bfloat16 or float16 (relative error ~1e-3), so a loss computed inside a mixed-precision
+  forward keeps the same bound (the autocast dtype only decides the inputs' dtype);
 * no ``n x n`` matrix is ever formed for the Gram distance or CKA, and no SVD backward is used:
   the gradient of the nuclear norm is the polar factor ``U V^T`` of the same decomposition.
 
@@ -39,6 +42,7 @@ revisited", ICML 2019.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -73,6 +77,23 @@ _REFINE_BELOW = 0.05
 
 # --------------------------------------------------------------------------------------------
 # validation and normalisation
+
+
+def _autocast_off(fn: Callable) -> Callable:
+    """Run ``fn`` with autocast disabled on its tensors' devices and the CPU (where float64
+    statistics may be computed): autocast would turn every float32 product into a bfloat16 or
+    float16 one, outside the exactness bound."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        devices = {a.device.type for a in args if isinstance(a, Tensor)} | {"cpu"}
+        with contextlib.ExitStack() as stack:
+            for device in sorted(devices):
+                if torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device, enabled=False))
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -307,6 +328,7 @@ def _centre(
     return xc, _SafeSqrt.apply(sq), int(k)
 
 
+@_autocast_off
 def center(x: Tensor) -> Tensor:
     """Subtract the column means: ``x - 1 mean(x)``; shape ``(n, d)`` -> ``(n, d)``.
 
@@ -319,6 +341,7 @@ def center(x: Tensor) -> Tensor:
     return _times_pow2(xc, -k)
 
 
+@_autocast_off
 def normalize(x: Tensor, eps: float = 1e-30) -> Tensor:
     """Column-centre ``x`` and scale it to unit Frobenius norm: ``X~ = Xc / ||Xc||_F``.
 
@@ -581,6 +604,7 @@ def _nuclear_norm_xty(xc: Tensor, yc: Tensor) -> Tensor:
     return _NuclearNorm.apply(xc.mT @ yc)
 
 
+@_autocast_off
 def nuclear_norm(m: Tensor) -> Tensor:
     """Nuclear norm ``||m||_* = sum_i sigma_i(m)`` of a 2-D tensor ``m`` (k1, k2).
 
@@ -641,6 +665,7 @@ def procrustes_distance(x: Tensor, y: Tensor, *, angular: bool = False) -> Tenso
     return _result(_procrustes_distance(x, y, angular=angular), x.device, x.dtype)
 
 
+@_autocast_off
 def _procrustes_distance(
     x: Tensor, y: Tensor, *, angular: bool = False, reduce: Reduce | None = None, n: int | None = None
 ) -> Tensor:
@@ -686,6 +711,7 @@ def gram_distance(x: Tensor, y: Tensor) -> Tensor:
     return _result(_gram_distance(x, y), x.device, x.dtype)
 
 
+@_autocast_off
 def _gram_distance(x: Tensor, y: Tensor, *, reduce: Reduce | None = None, n: int | None = None) -> Tensor:
     """Body of :func:`gram_distance` on checked inputs; ``reduce``/``n`` as in :func:`_centre`."""
     dist, scale = _gram(x, y, reduce, n)
@@ -719,6 +745,7 @@ def cka(x: Tensor, y: Tensor) -> Tensor:
     return _result(_cka(x, y), x.device, x.dtype)
 
 
+@_autocast_off
 def _cka(x: Tensor, y: Tensor, *, reduce: Reduce | None = None, n: int | None = None) -> Tensor:
     """Linear CKA on checked inputs, refined where ``1 - cka`` would cancel."""
     sim = _cka_value(x, y, reduce, n)
