@@ -764,6 +764,31 @@ def test_autocast_does_not_lower_the_precision(dtype: torch.dtype, method: str) 
         assert torch.equal(nuclear_norm(m.float()), nuclear_norm(m.float().clone()))
 
 
+def test_autocast_query_works_with_the_older_torch_api(monkeypatch) -> None:
+    """torch < 2.4 has no device argument to ``is_autocast_enabled`` (pyproject allows 2.1): the
+    guard then asks the old per-device queries (patched here only around the query itself, since
+    torch 2.13's own ``autocast`` asks the new API)."""
+    import warnings
+
+    from geodistill import geometry
+
+    real = torch.is_autocast_enabled
+
+    def old_api(*args):
+        if args:
+            raise TypeError("is_autocast_enabled() takes 0 positional arguments but 1 was given")
+        return real("cuda")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the old CPU query, deprecated since
+        with monkeypatch.context() as m:
+            m.setattr(torch, "is_autocast_enabled", old_api)
+            assert not geometry._autocast_enabled("cpu") and not geometry._autocast_enabled("cuda")
+        with torch.autocast("cpu", dtype=torch.bfloat16), monkeypatch.context() as m:
+            m.setattr(torch, "is_autocast_enabled", old_api)  # (autocast itself asks the new API)
+            assert geometry._autocast_enabled("cpu") and not geometry._autocast_enabled("mps")
+
+
 def test_polar_method_rejects_unknown() -> None:
     with pytest.raises(ValueError, match="polar method"), polar_method("svd"):
         pass

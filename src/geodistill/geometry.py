@@ -29,7 +29,9 @@ Numerics, shared by every function:
 * MPS has no float64: there the float64 statistics and the decomposition run on the CPU;
 * autocast is off inside every function: under ``torch.autocast`` a float32 matrix product would
   run in bfloat16 or float16 (relative error ~1e-3), so a loss computed inside a mixed-precision
-  forward keeps the same bound (the autocast dtype only decides the inputs' dtype);
+  forward keeps the same bound (the autocast dtype only decides the inputs' dtype); call
+  ``backward`` outside the autocast block, as torch recommends (the trainer does), or the
+  backward's products run in the autocast dtype;
 * no ``n x n`` matrix is ever formed for the Gram distance or CKA, and no SVD backward is used:
   the gradient of the nuclear norm is the polar factor ``U V^T`` of the same decomposition.
 
@@ -79,6 +81,15 @@ _REFINE_BELOW = 0.05
 # validation and normalisation
 
 
+def _autocast_enabled(device: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device)
+    except TypeError:  # torch < 2.4 asks per kind of device, without an argument
+        if device == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return device == "cuda" and torch.is_autocast_enabled()
+
+
 def _autocast_off(fn: Callable) -> Callable:
     """Run ``fn`` with autocast disabled on its tensors' devices and the CPU (where float64
     statistics may be computed): autocast would turn every float32 product into a bfloat16 or
@@ -89,7 +100,7 @@ def _autocast_off(fn: Callable) -> Callable:
         devices = {a.device.type for a in args if isinstance(a, Tensor)} | {"cpu"}
         with contextlib.ExitStack() as stack:
             for device in sorted(devices):
-                if torch.is_autocast_enabled(device):
+                if _autocast_enabled(device):
                     stack.enter_context(torch.autocast(device, enabled=False))
             return fn(*args, **kwargs)
 
