@@ -27,6 +27,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import statistics
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from geometry import machine, naive_procrustes  # the sibling benchmark script
+from geometry import machine, naive_procrustes, with_method  # the sibling benchmark script
 
 from geodistill import geometry as G
 from geodistill.losses import ce_loss, kd_loss
@@ -68,13 +69,6 @@ def opt(shape: dict, vocab: int, dtype: torch.dtype, device: str) -> torch.nn.Mo
 
 
 def routes() -> dict[str, Callable | None]:
-    def with_method(method: str, compile: bool = False) -> Callable:
-        def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            with G.polar_method(method, compile=compile):
-                return G.procrustes_distance(x, y)
-
-        return run
-
     def naive(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):  # svdvals has no bf16 kernel
             return naive_procrustes(x.float(), y.float())
@@ -83,8 +77,8 @@ def routes() -> dict[str, Callable | None]:
         "sft": None,
         "kd": None,
         "kd+procrustes": G.procrustes_distance,
-        "kd+procrustes (eigh)": with_method("eigh"),
-        "kd+procrustes (ns+compile)": with_method("newton-schulz", compile=True),
+        "kd+procrustes (eigh)": with_method(G.procrustes_distance, "eigh"),
+        "kd+procrustes (ns+compile)": with_method(G.procrustes_distance, "newton-schulz", compile=True),
         "kd+procrustes (svdvals)": naive,
         "kd+gram": G.gram_distance,
         "kd+cka": G.cka_distance,
@@ -95,8 +89,6 @@ class Step:
     """One variant: its own student copy and optimiser, stepping on shared batches and teacher."""
 
     def __init__(self, name: str, term: Callable | None, student: torch.nn.Module, teacher, batches) -> None:
-        import copy
-
         self.name, self.term, self.teacher, self.batches = name, term, teacher, batches
         self.student = copy.deepcopy(student).train()
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=1e-5, foreach=True)

@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from geometry import inputs, reference  # the sibling benchmark script
+from geometry import fwd_bwd_ms, inputs, reference  # the sibling benchmark script
 from torch.profiler import ProfilerActivity, profile
 
 from geodistill import geometry as G
@@ -53,14 +52,7 @@ def main() -> None:
     def ms(f) -> float:
         for _ in range(3):
             fwd_bwd(f)
-        ts = []
-        for _ in range(args.repeats):
-            sync()
-            t = time.perf_counter()
-            fwd_bwd(f)
-            sync()
-            ts.append(time.perf_counter() - t)
-        return 1e3 * statistics.median(ts)
+        return statistics.median(fwd_bwd_ms(f, x, y, dev)[0] for _ in range(args.repeats))
 
     def floor(a, b):
         return ((a - a.mean(0)).mT @ (b - b.mean(0))).square().sum()
