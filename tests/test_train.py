@@ -570,7 +570,7 @@ def test_every_shipped_config_loads() -> None:
         ("layers_tokens_alpha", 44, 44),
         ("subset_layers_alpha", 64, 64),
         ("subset_r8", 330, 330),
-        ("subset_r8_cells", 150, 114),
+        ("subset_r8_cells", 150, 150),
     ],
 )
 def test_shipped_results_keep_their_identity(name: str, runs: int, finished: int) -> None:
