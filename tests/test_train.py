@@ -571,6 +571,7 @@ def test_every_shipped_config_loads() -> None:
         ("subset_layers_alpha", 64, 64),
         ("subset_r8", 330, 330),
         ("subset_r8_cells", 150, 150),
+        ("ce", 180, 180),
     ],
 )
 def test_shipped_results_keep_their_identity(name: str, runs: int, finished: int) -> None:
