@@ -569,7 +569,7 @@ def test_every_shipped_config_loads() -> None:
         ("layers_cls_tasks", 240, 240),
         ("layers_tokens_alpha", 44, 44),
         ("subset_layers_alpha", 64, 64),
-        ("subset_r8", 390, 382),
+        ("subset_r8", 390, 390),
         ("subset_r8_cells", 150, 150),
         ("ce", 180, 180),
     ],
