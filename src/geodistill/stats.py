@@ -919,7 +919,7 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
         fig.colorbar(im, ax=ax, label=f"Δ {a.metric} vs {a.baseline} ({a.unit})")
         ax.set_xlabel("layer map")
         fig.tight_layout()
-        fig.savefig(out_dir / "layers.png", dpi=120)
+        fig.savefig(out_dir / "layers.png", dpi=120, bbox_inches="tight")  # keeps the colour bar label whole
         plt.close(fig)
         figures.append(("layers.png", f"layer ablation: mean difference to {a.baseline} ({a.unit})"))
     return figures
