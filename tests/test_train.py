@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import make_cfg
-from geodistill.config import ConfigError, DistillConfig, from_dict, load_config, to_dict
+from geodistill.config import ConfigError, DistillConfig, LossConfig, from_dict, load_config, to_dict
 from geodistill.losses import LOSSES
 from geodistill.train import TrainingDiverged, setup, train
 
@@ -527,6 +527,47 @@ def test_identity_hash_ignores_only_execution_fields(assets, tmp_path) -> None:
     assert finetune_config(replace(cfg, teacher_train=replace(cfg.teacher_train, lr=1.0))).output_dir != (
         finetune_config(cfg).output_dir
     )
+
+
+def test_identity_hash_unsets_loss_options_at_their_default() -> None:
+    """A loss option spelled out at its default hashes as the option left out (the same run); any
+    other value, or a value that only compares equal (0 for False), is another run; under
+    task: instruction a feature term's default pooling is tokens, not cls."""
+    from geodistill.config import LOSS_OPTIONS, identity_hash, loss_defaults
+
+    def cfg(*losses: LossConfig, task: str = "classification") -> DistillConfig:
+        return DistillConfig(task=task, losses=(LossConfig(name="kd", temperature=2.0), *losses))
+
+    plain = cfg(LossConfig(name="procrustes", weight=0.1))
+    spelled = cfg(
+        LossConfig(name="procrustes", weight=0.1, layers="last", pooling="cls", scope="global", angular=False)
+    )
+    assert identity_hash(spelled) == identity_hash(plain)
+    assert identity_hash(cfg(LossConfig(name="kd", temperature=1))) == identity_hash(
+        cfg(LossConfig(name="kd"))
+    )
+    for other in (
+        LossConfig(name="procrustes", weight=0.1, pooling="mean"),
+        LossConfig(name="procrustes", weight=0.1, layers="uniform"),
+        LossConfig(name="procrustes", weight=0.1, layers=[[4, 6]]),
+        LossConfig(name="procrustes", weight=0.1, angular=True),
+        LossConfig(name="procrustes", weight=0.2),
+        LossConfig(name="pkd", weight=0.1, layers="last"),  # last is the default of the other feature terms
+    ):
+        assert identity_hash(cfg(other)) != identity_hash(plain), other
+    assert identity_hash(cfg(LossConfig(name="procrustes", angular=0))) != identity_hash(  # type: ignore[arg-type]
+        cfg(LossConfig(name="procrustes"))
+    )
+    inst = cfg(LossConfig(name="cka", pooling="tokens"), task="instruction")
+    assert identity_hash(inst) == identity_hash(cfg(LossConfig(name="cka"), task="instruction"))
+    assert identity_hash(cfg(LossConfig(name="cka", pooling="cls"), task="instruction")) != identity_hash(
+        inst
+    )
+    assert (
+        loss_defaults("gram", "instruction")["pooling"] == "tokens"
+        and loss_defaults("gram")["pooling"] == "cls"
+    )
+    assert {name: spec.options for name, spec in LOSSES.items()} == LOSS_OPTIONS  # one table of defaults
 
 
 def test_every_shipped_config_loads() -> None:

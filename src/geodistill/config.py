@@ -31,6 +31,7 @@ __all__ = [
     "from_dict",
     "identity_hash",
     "load_config",
+    "loss_defaults",
     "to_dict",
 ]
 
@@ -144,6 +145,28 @@ class StudentConfig:
         "config: another architecture than the teacher's (e.g. opt), same vocabulary", default=None
     )
     name: str | None = _help("pretrained: offline name, hub name or local directory", default=None)
+
+
+#: every loss's options and their defaults: what a :class:`LossConfig` field left at ``None`` means
+#: (``losses.py`` builds its table from this). Under ``task: instruction`` feature terms default to
+#: ``pooling: tokens`` instead (a decoder's first token is the same for every prompt).
+LOSS_OPTIONS: dict[str, dict[str, Any]] = {
+    "ce": {},
+    "kd": {"temperature": 1.0, "direction": "forward"},
+    "pkd": {"layers": "uniform", "pooling": "cls"},
+    "proj_mse": {"layers": "last", "pooling": "cls"},
+    "cka": {"layers": "last", "pooling": "cls", "scope": "global"},
+    "procrustes": {"layers": "last", "pooling": "cls", "scope": "global", "angular": False},
+    "gram": {"layers": "last", "pooling": "cls", "scope": "global"},
+}
+
+
+def loss_defaults(name: str, task: str = "classification") -> dict[str, Any]:
+    """The options a loss entry takes, with the values an unset (``None``) option means for ``task``."""
+    options = dict(LOSS_OPTIONS.get(name, {}))
+    if task == "instruction" and "pooling" in options:
+        options["pooling"] = "tokens"
+    return options
 
 
 @dataclass(frozen=True)
@@ -447,6 +470,22 @@ def _identity_view(obj: Any) -> Any:
     return obj
 
 
+def _unset_loss_defaults(obj: Any) -> Any:
+    """A DistillConfig whose loss options that spell out their default are unset (``None``), as a
+    config that leaves them out has them: ``{name: procrustes, pooling: cls}`` is ``{name: procrustes}``."""
+    if not isinstance(obj, DistillConfig):
+        return obj
+    losses = []
+    for loss in obj.losses:
+        unset = {
+            k: None
+            for k, default in loss_defaults(loss.name, obj.task).items()
+            if (value := getattr(loss, k)) == default and isinstance(value, bool) == isinstance(default, bool)
+        }
+        losses.append(dataclasses.replace(loss, **unset) if unset else loss)
+    return dataclasses.replace(obj, losses=tuple(losses))
+
+
 def identity_hash(obj: Any, length: int = 12) -> str:
     """``config_hash`` of a config with its execution-only fields at their defaults.
 
@@ -454,9 +493,10 @@ def identity_hash(obj: Any, length: int = 12) -> str:
     run executes, not what it computes, so a teacher fine-tuned with 2 threads is reused by a run
     with 8, a run resumes on another device, and a sweep row stays finished. Configs that leave those
     fields (and the fields of :data:`ADDED_LATER`) at their defaults hash exactly as ``config_hash``
-    hashed them before those fields existed.
+    hashed them before those fields existed. A loss option written out at its default
+    (:func:`loss_defaults`) hashes as the option left out: the two compute the same run.
     """
-    return config_hash(_identity_view(_reset_execution(obj)), length)
+    return config_hash(_identity_view(_reset_execution(_unset_loss_defaults(obj))), length)
 
 
 # ------------------------------------------------------------------------------------------

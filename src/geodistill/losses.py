@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from geodistill import geometry
-from geodistill.config import LossConfig
+from geodistill.config import LOSS_OPTIONS, LossConfig
 
 __all__ = [
     "LOSSES",
@@ -140,18 +140,17 @@ class LossSpec:
     cite: str
 
 
-_FEATURE_DEFAULTS = {"layers": "last", "pooling": "cls"}
 LOSSES: dict[str, LossSpec] = {
-    "ce": LossSpec(ce_loss, "labels", False, False, {}, "cross-entropy on gold labels (fine-tuning)"),
-    "kd": LossSpec(
-        kd_loss, "logits", False, False, {"temperature": 1.0, "direction": "forward"}, "Hinton et al. 2015"
+    "ce": LossSpec(
+        ce_loss, "labels", False, False, LOSS_OPTIONS["ce"], "cross-entropy on gold labels (fine-tuning)"
     ),
+    "kd": LossSpec(kd_loss, "logits", False, False, LOSS_OPTIONS["kd"], "Hinton et al. 2015"),
     "pkd": LossSpec(
         pkd_loss,
         "features",
         False,
         True,
-        {"layers": "uniform", "pooling": "cls"},
+        LOSS_OPTIONS["pkd"],
         "Sun et al. 2019 (Patient KD)",
     ),
     "proj_mse": LossSpec(
@@ -159,7 +158,7 @@ LOSSES: dict[str, LossSpec] = {
         "features",
         False,
         True,
-        dict(_FEATURE_DEFAULTS),
+        LOSS_OPTIONS["proj_mse"],
         "Romero et al. 2015; Jiao et al. 2020",
     ),
     "cka": LossSpec(
@@ -167,7 +166,7 @@ LOSSES: dict[str, LossSpec] = {
         "features",
         True,
         False,
-        {**_FEATURE_DEFAULTS, "scope": "global"},
+        LOSS_OPTIONS["cka"],
         "Kornblith et al. 2019",
     ),
     "procrustes": LossSpec(
@@ -175,7 +174,7 @@ LOSSES: dict[str, LossSpec] = {
         "features",
         True,
         False,
-        {**_FEATURE_DEFAULTS, "scope": "global", "angular": False},
+        LOSS_OPTIONS["procrustes"],
         "Bhattarai et al. 2025 (arXiv:2509.25253); Williams et al. 2021",
     ),
     "gram": LossSpec(
@@ -183,7 +182,7 @@ LOSSES: dict[str, LossSpec] = {
         "features",
         True,
         False,
-        {**_FEATURE_DEFAULTS, "scope": "global"},
+        LOSS_OPTIONS["gram"],
         "Bhattarai et al. 2025",
     ),
 }
