@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from geodistill.config import ConfigError, DistillConfig
+from geodistill.config import ConfigError, DistillConfig, loss_defaults
 from geodistill.data.instructions import InstructionData, format_prompt
 from geodistill.evaluate import exact_match, rouge_l
 from geodistill.features import pool
@@ -726,7 +726,8 @@ def _instruction_terms(cfg: DistillConfig, terms: tuple[LossTerm, ...]) -> tuple
     for i, term in enumerate(terms):
         if term.spec.inputs == "features":
             if cfg.losses[i].pooling is None:
-                term = dataclasses.replace(term, options={**term.options, "pooling": "tokens"})
+                pooling = loss_defaults(term.name, "instruction")["pooling"]  # tokens
+                term = dataclasses.replace(term, options={**term.options, "pooling": pooling})
             elif term.options["pooling"] == "cls":
                 raise ConfigError(
                     f"losses[{i}].pooling: 'cls' is the first prompt token of a decoder (the same for every "
