@@ -376,6 +376,20 @@ def write_results(tmp_path: Path) -> Path:
     return path
 
 
+def test_layer_heatmap_cells_mark_verdicts_and_interim_pairs(tmp_path: Path) -> None:
+    """A heatmap cell is bold for a win or a loss and names its pairs when it has fewer than the
+    grid's most (an interim cell beside finished ones)."""
+    from dataclasses import replace
+
+    from geodistill.stats import _layer_cell_text
+
+    a, _ = report(write_results(tmp_path), tmp_path / "report", baseline="kd", resamples=200)
+    c = replace(a.comparisons[0], mean_diff=0.704, pairs=30, verdict="win")
+    assert _layer_cell_text(c, 30) == ("+0.70", True)
+    assert _layer_cell_text(replace(c, verdict="loss", mean_diff=-1.2), 30) == ("-1.20", True)
+    assert _layer_cell_text(replace(c, verdict="tie", pairs=12), 30) == ("+0.70\nn=12", False)
+
+
 def test_report_writes_markdown_latex_and_figures(tmp_path: Path) -> None:
     path = write_results(tmp_path)
     a, paths = report(path, tmp_path / "report", baseline="kd", resamples=500)

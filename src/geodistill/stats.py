@@ -893,7 +893,7 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
                 a.notes.append(note)
 
     # layer ablation: difference to the baseline per layer map (rows: everything else)
-    cells: dict[tuple[str, str], float] = {}
+    cells: dict[tuple[str, str], Comparison] = {}
     for c in a.comparisons:
         layers = c.treatment.get("layers", c.setting.get("layers"))
         if layers is None:
@@ -902,11 +902,14 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
         rest = {k: v for k, v in c.setting.items() if k != "layers"}
         if len(settings) > 1 and rest:
             row += f" | {_label(rest)}"
-        cells[(row, _cell(layers))] = c.mean_diff
+        cells[(row, _cell(layers))] = c
     if cells:
         rows = sorted({r for r, _ in cells})
         cols = sorted({c for _, c in cells})
-        grid = np.array([[cells.get((r, c), np.nan) for c in cols] for r in rows])
+        most = max(c.pairs for c in cells.values())
+        grid = np.array(
+            [[cells[(r, c)].mean_diff if (r, c) in cells else np.nan for c in cols] for r in rows]
+        )
         fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(cols) + 3), max(2.5, 0.45 * len(rows) + 1.5)))
         bound = float(np.nanmax(np.abs(grid))) or 1.0
         im = ax.imshow(grid, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
@@ -914,15 +917,33 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
         ax.set_yticks(range(len(rows)), rows, fontsize=8)
         for (r, c), v in np.ndenumerate(grid):
             if math.isfinite(v):
+                text, bold = _layer_cell_text(cells[(rows[r], cols[c])], most)
                 dark = abs(v) > 0.6 * bound
-                ax.text(c, r, f"{v:+.2f}", ha="center", va="center", fontsize=7, color="w" if dark else "k")
+                ax.text(
+                    c,
+                    r,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="w" if dark else "k",
+                    fontweight="bold" if bold else "normal",
+                )
         fig.colorbar(im, ax=ax, label=f"Δ {a.metric} vs {a.baseline} ({a.unit})")
         ax.set_xlabel("layer map")
+        ax.set_title(f"bold: win or loss (Holm); n: pairs, where fewer than {most}", fontsize=8)
         fig.tight_layout()
         fig.savefig(out_dir / "layers.png", dpi=120, bbox_inches="tight")  # keeps the colour bar label whole
         plt.close(fig)
         figures.append(("layers.png", f"layer ablation: mean difference to {a.baseline} ({a.unit})"))
     return figures
+
+
+def _layer_cell_text(c: Comparison, most: int) -> tuple[str, bool]:
+    """A layer-ablation heatmap cell: the mean difference, the pairs when fewer than the grid's most
+    (an interim cell), and whether to set it bold (a win or a loss after Holm)."""
+    text = f"{c.mean_diff:+.2f}" + (f"\nn={c.pairs}" if c.pairs < most else "")
+    return text, c.verdict in ("win", "loss")
 
 
 def _is_number(v: Any) -> bool:
