@@ -487,6 +487,13 @@ def test_output_dir_holding_another_run(assets, tmp_path) -> None:
         make_cfg(assets, tmp_path / "run", "train.max_steps=1", "train.threads=1", "train.device=cpu")
     )
     assert res["steps"] == 1
+    # a run.json written when the hash still counted something it now leaves out resumes too
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    (tmp_path / "run" / "run.json").write_text(json.dumps({**meta, "config_hash": "0123456789ab"}))
+    _, res = run(make_cfg(assets, tmp_path / "run", "train.max_steps=1"))
+    assert res["steps"] == 1
+    with pytest.raises(ConfigError, match=r"holds another run \(config hash 0123456789ab"):
+        setup(make_cfg(assets, tmp_path / "run", "train.max_steps=2"), progress=False)
 
 
 def test_identity_hash_ignores_only_execution_fields(assets, tmp_path) -> None:

@@ -44,6 +44,7 @@ from geodistill.config import (
     DistillConfig,
     StudentConfig,
     TrainConfig,
+    from_dict,
     identity_hash,
     to_dict,
 )
@@ -359,6 +360,15 @@ def _check_output_dir(out: Path, cfg: DistillConfig, kind: str) -> None:
     state.wait_for_everyone()
 
 
+def _rehash(prior: dict[str, Any], cls: type) -> str | None:
+    """A run.json's config under today's :func:`identity_hash`: a run recorded before the hash
+    learnt to leave something out (e.g. loss options spelled out at their default) still resumes."""
+    try:
+        return identity_hash(from_dict(cls, prior["config"]))
+    except (KeyError, TypeError, ValueError):  # ConfigError is a ValueError
+        return None
+
+
 def _output_dir_action(out: Path, cfg: DistillConfig, kind: str) -> str:
     run_file = out / "run.json"
     if out.exists() and not out.is_dir():
@@ -371,7 +381,7 @@ def _output_dir_action(out: Path, cfg: DistillConfig, kind: str) -> str:
         except (OSError, json.JSONDecodeError):
             prior = {}
         digest = identity_hash(cfg)
-        if prior.get("config_hash") == digest and prior.get("kind") == kind:
+        if prior.get("kind") == kind and digest in (prior.get("config_hash"), _rehash(prior, type(cfg))):
             return "resume"
         if cfg.overwrite:
             return "overwrite"
