@@ -326,6 +326,32 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
     assert third.calls == [] and len(read_rows(results)) == len(plan)
 
 
+def test_rows_under_a_former_hash_still_count_as_finished(tmp_path: Path) -> None:
+    """A results file written before loss options at their default hashed as left out (its rows
+    carry the former hash) is not run again, and its rows are copied into other sweeps."""
+    methods = {"gram": {"losses": [{"name": "kd", "temperature": 2.0}, {"name": "gram", "pooling": "cls"}]}}
+    sweep = parse_sweep(sweep_dict(tmp_path, methods=methods, grid={"seed": [0, 1]}))
+    plan = expand(sweep)
+    assert all(len(run.former_hashes) == 1 for run in plan)  # pooling: cls is the default
+    run_sweep(sweep, runner=FakeRunner(), progress=False, log=lambda _: None)
+    results = tmp_path / "sweep" / "results.jsonl"
+    text = results.read_text()
+    for run in plan:
+        text = text.replace(run.config_hash, run.former_hashes[0])
+    results.write_text(text)
+    again = FakeRunner()
+    assert (
+        run_sweep(sweep, runner=again, progress=False, log=lambda _: None).finished == 0 and again.calls == []
+    )
+    other = parse_sweep(
+        sweep_dict(tmp_path, name="u", methods=methods, grid={"seed": [0, 1]}, output_dir=str(tmp_path / "u"))
+    )
+    summaries = run_sweeps([sweep, other], runner=FakeRunner(), progress=False, log=lambda _: None)
+    assert summaries[1].finished == 2 and {
+        r["config_hash"] for r in read_rows(tmp_path / "u" / "results.jsonl")
+    } == {run.config_hash for run in plan}
+
+
 def test_failed_runs_write_error_rows_and_are_retried(tmp_path: Path) -> None:
     sweep = parse_sweep(sweep_dict(tmp_path, grid={"seed": [0, 1], "alpha": [1]}))
     logged: list[str] = []

@@ -499,6 +499,12 @@ def identity_hash(obj: Any, length: int = 12) -> str:
     return config_hash(_identity_view(_reset_execution(_unset_loss_defaults(obj))), length)
 
 
+def former_identity_hash(obj: Any, length: int = 12) -> str:
+    """:func:`identity_hash` as it was before loss options written at their default hashed as left
+    out (2026-12-06): how rows of older results files name such a config, so a sweep still finds them."""
+    return config_hash(_identity_view(_reset_execution(obj)), length)
+
+
 # ------------------------------------------------------------------------------------------
 # files and overrides
 

@@ -70,6 +70,7 @@ from geodistill.config import (
     _help,
     _merge,
     _set_path,
+    former_identity_hash,
     from_dict,
     identity_hash,
     read_yaml,
@@ -158,6 +159,7 @@ class PlannedRun:
     values: dict[str, Any]  # column -> swept value (labels for mappings and lists)
     axes: dict[str, list[str]]  # {"treatment": [...], "setting": [...], "replicate": [...]}
     loss_terms: tuple[str, ...]
+    former_hashes: tuple[str, ...] = ()  # what older versions hashed this config as, where different
 
 
 @dataclass
@@ -471,6 +473,7 @@ def expand(sweep: SweepConfig, *, quick: bool = False) -> list[PlannedRun]:
                         values=values,
                         axes=axes_info,
                         loss_terms=tuple(loss.name for loss in cfg.losses),
+                        former_hashes=tuple({former_identity_hash(cfg)} - {digest}),
                     )
                 )
     return plan
@@ -852,6 +855,12 @@ def _divide_work(
     """What each sweep (its plan, the rows of its results.jsonl) has and lacks: the hashes it has
     finished; the runs another sweep finished, to copy (sweep index, run, that row); and the runs to
     do, by hash, each with every (sweep index, run) that plans it, the first of which runs it."""
+    # a row an older version wrote under another hash of a planned run counts as that run's
+    former = {h: run.config_hash for plan in plans for run in plan for h in run.former_hashes}
+    files = [
+        [{**r, "config_hash": former.get(r.get("config_hash"), r.get("config_hash"))} for r in rows]
+        for rows in files
+    ]
     done = [set(_finished_rows(rows)) for rows in files]
     finished = {h: r for rows in files for h, r in _finished_rows(rows).items()}
     copies: list[tuple[int, PlannedRun, dict[str, Any]]] = []
