@@ -604,7 +604,7 @@ def test_every_shipped_config_loads() -> None:
         ("layers_tokens_terms", 180, 180),
         ("layers_cls", 120, 120),
         ("layers_mean", 150, 150),
-        ("layers_grid", 570, 570),
+        ("layers_grid", 840, 840),
         ("tokens_dev", 150, 150),
         ("cls_alpha", 52, 52),
         ("subset", 210, 210),
