@@ -606,6 +606,7 @@ def test_every_shipped_config_loads() -> None:
         ("layers_mean", 150, 150),
         ("layers_grid", 840, 840),
         ("tokens_dev", 150, 150),
+        ("tokens_alpha_splits", 300, 300),
         ("cls_alpha", 52, 52),
         ("subset", 210, 210),
         ("subset_tokens", 120, 120),
