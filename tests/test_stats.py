@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -624,3 +625,35 @@ def test_report_pairs_runs_across_sweeps(tmp_path: Path, capsys: pytest.CaptureF
     assert "sweep=tokens" in capsys.readouterr().out
     assert main(["report", str(paths[0]), str(tmp_path / "nowhere.jsonl")]) == 2
     assert "nowhere.jsonl" in capsys.readouterr().err
+
+
+def _glance() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "glance.py"
+    spec = importlib.util.spec_from_file_location("glance", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["glance"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_experiments_glance_is_current_and_agrees_with_the_reports() -> None:
+    """experiments/README.md's glance block is what experiments/glance.py renders from the committed
+    rows, and its cells are the reports' own comparisons (same pairs, mean, interval and p-value);
+    a cell without 30 pairs is refused."""
+    glance = _glance()
+    assert glance.main(["--check"]) == 0
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    summary = json.loads((root / "main" / "report" / "summary.json").read_text())
+    rows = [r for r in glance.read_rows(root / "main" / "results.jsonl") if r["status"] == "ok"]
+    for method in ("kd+procrustes", "kd+gram", "kd+pkd"):
+        ours = glance.compare(glance.Cell("main", method), rows, "test.accuracy")
+        (theirs,) = [c for c in summary["comparisons"] if c["treatment"] == {"method": method}]
+        assert ours.pairs == theirs["pairs"] == 30
+        assert ours.mean_diff == pytest.approx(theirs["mean_diff"], abs=1e-9)
+        assert [ours.ci_low, ours.ci_high] == pytest.approx(theirs["ci"], abs=1e-9)
+        assert ours.p_t == pytest.approx(theirs["p_t"], rel=1e-9)
+    with pytest.raises(SystemExit, match="expected one comparison over 30 pairs"):
+        glance.compare(glance.Cell("main", "kd+nothing"), rows, "test.accuracy")
