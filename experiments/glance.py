@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from geodistill.experiments import read_rows
-from geodistill.stats import Comparison, analyse, holm
+from geodistill.stats import Comparison, analyse, holm, verdict
 
 HERE = Path(__file__).resolve().parent
 START, END = "<!-- glance: start (python experiments/glance.py) -->", "<!-- glance: end -->"
@@ -71,17 +71,17 @@ def _grid(layers: str, pooling: str) -> dict[str, Cell]:
     return _kd_cells("layers_grid", KD_TERMS[:3], layers=layers, pooling=pooling)
 
 
-def _fixed(experiment: str, method: str, **where: Any) -> dict[str, Cell]:
+def _fixed(experiment: str, method: str) -> dict[str, Cell]:
     """A method that fixes its features in its name (``kd+procrustes/last-tokens``), in column Procrustes."""
-    return {"kd+procrustes": Cell(experiment, method, where)}
+    return {"kd+procrustes": Cell(experiment, method)}
 
 
-ALL6, TERMS3 = KD_TERMS, KD_TERMS[:3]
+TERMS3 = KD_TERMS[:3]
 RT, R8, ME = "rotten_tomatoes", "reuters_r8", "multiemo"
 
 #: alpha = 0.1 for every feature term, KD at T = 2, 300 (Rotten Tomatoes) or the task's steps
 KD_TABLE = [
-    Line(RT, "narrow", "last layer, CLS", _kd_cells("main", ALL6)),
+    Line(RT, "narrow", "last layer, CLS", _kd_cells("main", KD_TERMS)),
     Line(RT, "narrow", "last layer, mean", _grid("last", "mean")),
     Line(RT, "narrow", "last layer, every token", _grid("last", "tokens")),
     Line(RT, "narrow", "uniform map, CLS", _grid("uniform", "cls")),
@@ -90,19 +90,19 @@ KD_TABLE = [
     Line(RT, "narrow", "middle layers, CLS", _grid("[[2,3]]", "cls")),
     Line(RT, "narrow", "middle layers, mean", _grid("[[2,3]]", "mean")),
     Line(RT, "narrow", "middle layers, every token", _grid("[[2,3]]", "tokens")),
-    Line(RT, "subset-3", "last layer, CLS", _kd_cells("subset", ALL6)),
+    Line(RT, "subset-3", "last layer, CLS", _kd_cells("subset", KD_TERMS)),
     Line(RT, "subset-3", "last layer, every token", _kd_cells("subset_tokens", TERMS3)),
     Line(RT, "subset-3", "uniform map, CLS", _kd_cells("subset_layers_cls", TERMS3)),
     Line(RT, "subset-3", "uniform map, every token", _kd_cells("subset_layers", TERMS3)),
-    Line(R8, "narrow", "last layer, CLS", _kd_cells("tasks", ALL6, task=R8)),
+    Line(R8, "narrow", "last layer, CLS", _kd_cells("tasks", KD_TERMS, task=R8)),
     Line(R8, "narrow", "last layer, every token", _kd_cells("tokens_r8", TERMS3)),
     Line(R8, "narrow", "uniform map, CLS", _kd_cells("layers_cls_tasks", TERMS3, task=R8)),
     Line(R8, "narrow", "uniform map, every token", _kd_cells("layers_tasks", TERMS3, task=R8)),
-    Line(R8, "subset-3", "last layer, CLS", _kd_cells("subset_r8", ALL6)),
+    Line(R8, "subset-3", "last layer, CLS", _kd_cells("subset_r8", KD_TERMS)),
     Line(R8, "subset-3", "last layer, every token", _fixed("subset_r8_cells", "kd+procrustes/last-tokens")),
     Line(R8, "subset-3", "uniform map, CLS", _fixed("subset_r8_cells", "kd+procrustes/uniform-cls")),
     Line(R8, "subset-3", "uniform map, every token", _kd_cells("subset_tasks", TERMS3, task=R8)),
-    Line(ME, "narrow", "last layer, CLS", _kd_cells("tasks", ALL6, task=ME)),
+    Line(ME, "narrow", "last layer, CLS", _kd_cells("tasks", KD_TERMS, task=ME)),
     Line(ME, "narrow", "last layer, every token", _kd_cells("tokens_multiemo", TERMS3)),
     Line(ME, "narrow", "uniform map, CLS", _kd_cells("layers_cls_tasks", TERMS3, task=ME)),
     Line(ME, "narrow", "uniform map, every token", _kd_cells("layers_tasks", TERMS3, task=ME)),
@@ -174,7 +174,11 @@ def _chosen(cell: Cell, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def compare(cell: Cell, rows: list[dict[str, Any]], metric: str) -> Comparison:
     """The cell's paired comparison with its baseline (the rows of one setting; ``analyse`` pairs them)."""
-    comps = analyse(_chosen(cell, rows), metric=metric, baseline=cell.baseline).comparisons
+    return _compare_chosen(cell, _chosen(cell, rows), metric)
+
+
+def _compare_chosen(cell: Cell, chosen: list[dict[str, Any]], metric: str) -> Comparison:
+    comps = analyse(chosen, metric=metric, baseline=cell.baseline).comparisons
     if len(comps) != 1 or comps[0].pairs != PAIRS:
         found = [(c.treatment, c.pairs) for c in comps]
         raise SystemExit(f"{cell}: expected one comparison over {PAIRS} pairs, found {found}")
@@ -197,23 +201,20 @@ def render(metric: str = "test.accuracy") -> str:
         for i, line in enumerate(table.lines)
         for m, cell in line.cells.items()
     }
-    runs = {
-        key: frozenset(r["config_hash"] for r in _chosen(cell, rows(cell.experiment)))
-        for key, cell in cells.items()
-    }
+    runs: dict[tuple[int, int, str], frozenset[str]] = {}
     distinct: dict[frozenset[str], Comparison] = {}
     for key, cell in cells.items():
+        chosen = _chosen(cell, rows(cell.experiment))
+        runs[key] = frozenset(r["config_hash"] for r in chosen)
         if runs[key] not in distinct:
-            distinct[runs[key]] = compare(cell, rows(cell.experiment), metric)
+            distinct[runs[key]] = _compare_chosen(cell, chosen, metric)
     adjusted = dict(zip(distinct, holm([c.p_t for c in distinct.values()]), strict=True))
 
-    def verdict(same: frozenset[str]) -> str:
-        c, p = distinct[same], adjusted[same]
-        return "win" if c.ci_low > 0 and p < ALPHA else "loss" if c.ci_high < 0 and p < ALPHA else "tie"
+    verdicts = {same: verdict(c, float(adjusted[same]), alpha=ALPHA) for same, c in distinct.items()}
 
     def text(key: tuple[int, int, str]) -> str:
         diff = f"{distinct[runs[key]].mean_diff:+.2f}"
-        return {"win": f"**{diff}** win", "loss": f"*{diff}* loss", "tie": diff}[verdict(runs[key])]
+        return {"win": f"**{diff}** win", "loss": f"*{diff}* loss", "tie": diff}[verdicts[runs[key]]]
 
     out = [
         f"The committed cells with {PAIRS} pairs (3 splits x 10 seeds), {metric} in points: the mean paired "
@@ -237,7 +238,7 @@ def render(metric: str = "test.accuracy") -> str:
                 + f" | {links} |"
             )
         out.append("")
-    tally = [verdict(same) for same in distinct]
+    tally = list(verdicts.values())
     out.append(
         f"{tally.count('win')} wins, {tally.count('tie')} ties and {tally.count('loss')} losses over "
         f"{len(distinct)} comparisons."

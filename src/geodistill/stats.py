@@ -493,14 +493,7 @@ def analyse(
             strict = alpha / len(family)
             c.mde_holm = minimum_detectable_effect(c.pairs, c.sd_diff, alpha=strict, power=power)
             c.seeds_needed_holm = seeds_for_power(c.sd_diff, delta, alpha=strict, power=power)
-            if c.pairs < 2:
-                c.verdict = "too few pairs"
-            elif c.ci_low > 0 and pt < alpha:
-                c.verdict = "win"
-            elif c.ci_high < 0 and pt < alpha:
-                c.verdict = "loss"
-            else:
-                c.verdict = "tie"
+            c.verdict = verdict(c, float(pt), alpha=alpha)
         comparisons.extend(family)
     return Analysis(
         metric=metric,
@@ -516,6 +509,20 @@ def analyse(
         power=power,
         percent=percent,
     )
+
+
+def verdict(c: Comparison, p_t_adjusted: float, *, alpha: float = 0.05) -> str:
+    """The report's rule: ``win`` when the bootstrap interval lies above 0 and the (Holm-)adjusted
+    t-test p is below ``alpha``, ``loss`` for the mirror image, ``tie`` otherwise; ``too few pairs``
+    below 2 pairs. ``p_t_adjusted`` is the caller's: the report adjusts within a setting, other
+    tables (experiments/glance.py) over a larger family."""
+    if c.pairs < 2:
+        return "too few pairs"
+    if c.ci_low > 0 and p_t_adjusted < alpha:
+        return "win"
+    if c.ci_high < 0 and p_t_adjusted < alpha:
+        return "loss"
+    return "tie"
 
 
 def _compare(
