@@ -83,7 +83,12 @@ RT, R8, ME = "rotten_tomatoes", "reuters_r8", "multiemo"
 KD_TABLE = [
     Line(RT, "narrow", "last layer, CLS", _kd_cells("main", KD_TERMS)),
     Line(RT, "narrow", "last layer, mean", _grid("last", "mean")),
-    Line(RT, "narrow", "last layer, every token", _grid("last", "tokens")),
+    Line(
+        RT,
+        "narrow",
+        "last layer, every token",
+        {**_grid("last", "tokens"), "kd+proj_mse": Cell("tokens_mse", "kd+proj_mse", {"alpha": 0.1})},
+    ),
     Line(RT, "narrow", "uniform map, CLS", _grid("uniform", "cls")),
     Line(RT, "narrow", "uniform map, mean", _grid("uniform", "mean")),
     Line(RT, "narrow", "uniform map, every token", _grid("uniform", "tokens")),
@@ -115,7 +120,10 @@ ALPHA1_TABLE = [
         RT,
         "narrow",
         "last layer, every token",
-        {m: Cell("tokens_alpha_splits", m, {"alpha": 1.0}) for m in TERMS3},
+        {
+            **{m: Cell("tokens_alpha_splits", m, {"alpha": 1.0}) for m in TERMS3},
+            "kd+proj_mse": Cell("tokens_mse", "kd+proj_mse", {"alpha": 1.0}),
+        },
     ),
     Line(
         RT,
@@ -135,7 +143,8 @@ CE_TABLE = [
 
 KD_COLUMNS = list(zip(KD_TERMS, KD_HEADER, strict=True))
 
-#: the last layer's tokens on Rotten Tomatoes over five alphas (experiments/tokens_alpha_high)
+#: the last layer's tokens on Rotten Tomatoes over five alphas (experiments/tokens_alpha_high), and
+#: projection MSE on the same tokens at three of them (experiments/tokens_mse)
 ALPHAS = [0.1, 0.3, 1.0, 3.0, 10.0]
 ALPHA_TABLE = [
     Line(
@@ -145,11 +154,18 @@ ALPHA_TABLE = [
         {str(a): Cell("tokens_alpha_high", m, {"alpha": a}) for a in ALPHAS},
     )
     for m, label in zip(TERMS3, KD_HEADER[:3], strict=True)
+] + [
+    Line(
+        RT,
+        "narrow",
+        "last layer, every token: projection MSE",
+        {str(a): Cell("tokens_mse", "kd+proj_mse", {"alpha": a}) for a in (0.1, 1.0, 10.0)},
+    )
 ]
 
 TABLES = [
     Table("KD + 0.1 x D against KD", KD_COLUMNS, KD_TABLE),
-    Table("KD + 1 x D against KD", KD_COLUMNS[:3], ALPHA1_TABLE),
+    Table("KD + 1 x D against KD", KD_COLUMNS[:4], ALPHA1_TABLE),
     Table("KD + alpha x D against KD, by alpha", [(str(a), f"alpha {a:g}") for a in ALPHAS], ALPHA_TABLE),
     Table("CE + KD + 0.1 x D against CE + KD", list(zip(CE_TERMS, KD_HEADER[:5], strict=True)), CE_TABLE),
 ]

@@ -609,6 +609,7 @@ def test_every_shipped_config_loads() -> None:
         ("tokens_alpha_splits", 300, 300),
         ("tokens_gram_alpha", 150, 150),
         ("tokens_alpha_high", 480, 480),
+        ("tokens_mse", 390, 390),
         ("cls_alpha", 52, 52),
         ("subset", 210, 210),
         ("subset_tokens", 120, 120),

@@ -869,7 +869,7 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
             xs_all = [float(g.treatment["alpha"]) for g in alpha_groups]
             if min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
                 ax.set_xscale("log")
-            ax.set_xlabel("alpha (weight of the geometry term)")
+            ax.set_xlabel("alpha (weight of the feature term)")
             ax.set_ylabel(a.metric_label)
             ax.set_title(where, fontsize=9)
             ax.legend(fontsize=7)
