@@ -56,7 +56,12 @@ def test_distill_eval_similarity(assets, tmp_path, capsys) -> None:
 
 
 def test_similarity_of_a_model_with_itself_is_perfect_on_the_diagonal(assets, tmp_path) -> None:
+    import datasets
+    import transformers
+
     cfg = write_config(assets, tmp_path)
+    datasets.enable_progress_bars()
+    transformers.utils.logging.enable_progress_bar()
     # mean pooling: the CLS vectors of the embedding layer are all equal (a constant matrix)
     teacher = str(assets["teacher"])
     assert (
@@ -69,6 +74,9 @@ def test_similarity_of_a_model_with_itself_is_perfect_on_the_diagonal(assets, tm
     assert all(float(r["cka"]) > 1 - 1e-6 and float(r["procrustes"]) < 1e-6 for r in diag)
     off = [r for r in rows if r["layer_a"] != r["layer_b"]]
     assert all(float(r["procrustes"]) > 1e-6 for r in off)  # a random tiny BERT: small but clearly > 0
+    # the libraries' own per-call bars (weight loading, dataset maps) stay off, as in distill
+    assert not datasets.is_progress_bar_enabled()
+    assert not transformers.utils.logging.is_progress_bar_enabled()
 
 
 @pytest.mark.parametrize(

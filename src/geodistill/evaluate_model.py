@@ -41,7 +41,9 @@ def evaluate_saved(
 ) -> dict[str, dict[str, float]]:
     """Metrics of a saved model (directory, offline or hub name) on the config's dataset."""
     from geodistill import models
+    from geodistill.train import quiet_libraries
 
+    quiet_libraries()
     if cfg.task != "classification":
         from geodistill.instruct import evaluate_saved_lm
 
@@ -70,7 +72,9 @@ def similarity_report(
     """Every layer pair of two classifiers compared with CKA, Procrustes and Gram; CSV + heatmaps."""
     from geodistill import models
     from geodistill.similarity import layer_similarity, write_similarity
+    from geodistill.train import quiet_libraries
 
+    quiet_libraries()  # no per-call bars of weight loading and dataset maps
     tok_a, tok_b = models.load_tokenizer(model_a), models.load_tokenizer(model_b)
     task = _classification_task(cfg, tok_a, tok_b, max_examples=max_examples)
     a = models.load_classifier(model_a, num_labels=task.num_labels)
