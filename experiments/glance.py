@@ -129,7 +129,7 @@ ALPHA1_TABLE = [
         RT,
         "narrow",
         "uniform map, every token",
-        {m: Cell("layers_tokens_terms", f"{m}-a1") for m in TERMS3},
+        {m: Cell("layers_tokens_terms", f"{m}-a1") for m in [*TERMS3, "kd+proj_mse"]},
     ),
     Line(RT, "subset-3", "uniform map, every token", {m: Cell("subset_layers", f"{m}-a1") for m in TERMS3}),
 ]

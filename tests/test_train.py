@@ -601,7 +601,7 @@ def test_every_shipped_config_loads() -> None:
         ("main", 210, 210),
         ("tokens", 120, 120),
         ("layers_tokens", 120, 120),
-        ("layers_tokens_terms", 210, 208),
+        ("layers_tokens_terms", 210, 210),
         ("layers_cls", 120, 120),
         ("layers_mean", 150, 150),
         ("layers_grid", 840, 840),
