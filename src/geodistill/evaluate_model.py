@@ -43,11 +43,11 @@ def evaluate_saved(
     from geodistill import models
     from geodistill.train import quiet_libraries
 
-    quiet_libraries()
     if cfg.task != "classification":
-        from geodistill.instruct import evaluate_saved_lm
+        from geodistill.instruct import evaluate_saved_lm  # quiets the libraries itself
 
         return evaluate_saved_lm(model, cfg, splits, predictions_dir=predictions_dir, progress=progress)
+    quiet_libraries()
     tok = models.load_tokenizer(model)
     task = _classification_task(cfg, tok)
     net = models.load_classifier(model, num_labels=task.num_labels, label_names=list(task.data.label_names))
