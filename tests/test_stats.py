@@ -657,3 +657,7 @@ def test_experiments_glance_is_current_and_agrees_with_the_reports() -> None:
         assert ours.p_t == pytest.approx(theirs["p_t"], rel=1e-9)
     with pytest.raises(SystemExit, match="expected one comparison over 30 pairs"):
         glance.compare(glance.Cell("main", "kd+nothing"), rows, "test.accuracy")
+    # the top-level README quotes the page's count of distinct comparisons by hand: it must agree
+    (count,) = re.findall(r"over (\d+) comparisons\.", glance.render())
+    readme = (root.parent / "README.md").read_text()
+    assert re.findall(r"(\d+) distinct comparisons", readme) == [count]
