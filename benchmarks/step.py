@@ -109,6 +109,7 @@ class Bench:
             self.optimizer,
             self.run.train_cfg,
             self.run.task,
+            i + 1,
         )
         return time.perf_counter() - t0
 

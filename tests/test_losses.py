@@ -143,3 +143,25 @@ def test_resolve_losses_fills_defaults_keys_and_names_errors() -> None:
         resolve_losses([LossConfig(name="ce", weight=-1.0)])
     with pytest.raises(ValueError, match="the objective is empty"):
         resolve_losses([])
+
+
+def test_a_term_ramps_its_weight_over_its_warmup_steps() -> None:
+    """``warmup_steps: N`` applies to any term: weight x step / N at steps 1..N, the weight after;
+    0 (the default) is the full weight from step 1; a bad value names its entry."""
+    kd, proj, ce = resolve_losses(
+        [
+            LossConfig(name="kd", temperature=2.0),
+            LossConfig(name="proj_mse", weight=2.0, warmup_steps=4),
+            LossConfig(name="ce", warmup_steps=0),
+        ]
+    )
+    assert [proj.weight_at(k) for k in range(1, 7)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    assert [kd.weight_at(k) for k in (1, 2, 100)] == [1.0, 1.0, 1.0] == [ce.weight_at(k) for k in (1, 2, 100)]
+    assert "warmup_steps" not in proj.options  # a weight schedule, not an option of the loss
+    with pytest.raises(ValueError, match="steps count from 1"):
+        proj.weight_at(0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(
+            ValueError, match=r"losses\[1\]\.warmup_steps must be a whole number of steps >= 0"
+        ):
+            resolve_losses([LossConfig(name="ce"), LossConfig(name="gram", warmup_steps=bad)])

@@ -178,6 +178,30 @@ def test_resume_is_bit_identical(assets, tmp_path) -> None:
     assert strip(log_a) == strip(log_b)
 
 
+@pytest.mark.parametrize(
+    "term, accum",
+    [("proj_mse", 1), ("procrustes", 1), ("procrustes", 2)],
+    ids=["per-example term", "batch-coupled term", "batch-coupled term, 2 micro-batches"],
+)
+def test_a_ramped_term_trains_at_its_ramped_weight(assets, tmp_path, term: str, accum: int) -> None:
+    """Step 1 of a term with weight 1 and warmup_steps 4 is step 1 at weight 0.25, to the bit (and
+    differs from weight 1: the ramp is applied); the log records the ramped weight every step."""
+    common = ["train.max_steps=1", "train.batch_size=4", f"train.grad_accum={accum}"]
+    losses = lambda extra: f"losses=[{{name: kd}}, {{name: {term}, pooling: mean, {extra}}}]"  # noqa: E731
+    ramped = weights(
+        run(make_cfg(assets, tmp_path / "r", *common, losses("weight: 1.0, warmup_steps: 4")))[0].student
+    )
+    quarter = weights(run(make_cfg(assets, tmp_path / "q", *common, losses("weight: 0.25")))[0].student)
+    full = weights(run(make_cfg(assets, tmp_path / "f", *common, losses("weight: 1.0")))[0].student)
+    assert all(torch.equal(ramped[k], quarter[k]) for k in ramped)
+    assert any(not torch.equal(ramped[k], full[k]) for k in ramped)
+    run(make_cfg(assets, tmp_path / "log", "train.max_steps=6", losses("weight: 2.0, warmup_steps: 4")))
+    log = [json.loads(x) for x in (tmp_path / "log" / "log.jsonl").read_text().splitlines()]  # + eval rows
+    assert [row[f"weight/{term}"] for row in log if "lr" in row] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    first = json.loads((tmp_path / "f" / "log.jsonl").read_text().splitlines()[0])
+    assert "loss/kd" in first and not any(k.startswith("weight/") for k in first)
+
+
 PAIRED_METHODS = {
     "ft": "losses=[{name: ce}]",
     "kd": "losses=[{name: kd}]",
@@ -512,6 +536,8 @@ def test_identity_hash_ignores_only_execution_fields(assets, tmp_path) -> None:
     for section in ("train", "teacher_train"):
         for name in later:
             del before[section][name]
+    for loss in before["losses"]:
+        del loss["warmup_steps"]  # a term's weight warm-up, added later
     assert identity_hash(cfg) == config_hash(before)
     for name, value in later.items():  # a later field that is used changes the run
         assert identity_hash(replace(cfg, train=replace(cfg.train, **{name: value}))) != identity_hash(cfg)
@@ -550,6 +576,13 @@ def test_identity_hash_unsets_loss_options_at_their_default() -> None:
         LossConfig(name="procrustes", weight=0.1, layers="last", pooling="cls", scope="global", angular=False)
     )
     assert identity_hash(spelled) == identity_hash(plain)
+    # a weight warm-up of 0 is no warm-up: the hash of every run recorded before the field existed
+    assert identity_hash(cfg(LossConfig(name="procrustes", weight=0.1, warmup_steps=0))) == identity_hash(
+        plain
+    )
+    assert identity_hash(cfg(LossConfig(name="procrustes", weight=0.1, warmup_steps=150))) != identity_hash(
+        plain
+    )
     assert identity_hash(cfg(LossConfig(name="kd", temperature=1))) == identity_hash(
         cfg(LossConfig(name="kd"))
     )

@@ -198,8 +198,13 @@ class Objective:
             )
         return term(x, y)
 
-    def total(self, values: dict[str, Tensor]) -> Tensor:
-        return sum(term.weight * values[term.key] for term in self.terms if term.key in values)  # type: ignore[return-value]
+    def total(self, values: dict[str, Tensor], step: int) -> Tensor:
+        """The weighted sum at optimiser step ``step`` (1-based; a term's weight may ramp up)."""
+        return sum(term.weight_at(step) * values[term.key] for term in self.terms if term.key in values)  # type: ignore[return-value]
+
+    def weights_at(self, step: int) -> dict[str, float]:
+        """The weights of the terms that ramp up, at ``step`` (what the training log records)."""
+        return {term.key: term.weight_at(step) for term in self.terms if term.warmup_steps}
 
 
 # ------------------------------------------------------------------------------------------
@@ -897,7 +902,16 @@ def _train(
                 break
             t0, sent = time.perf_counter(), TRAFFIC.bytes
             values, grad_norm = _step(
-                acc, par, student, objective, group, teacher_outputs, optimizer, cfg, run.task
+                acc,
+                par,
+                student,
+                objective,
+                group,
+                teacher_outputs,
+                optimizer,
+                cfg,
+                run.task,
+                state["step"] + 1,
             )
             elapsed = time.perf_counter() - t0
             state["step"] += 1
@@ -946,6 +960,7 @@ def _train(
                             else {}
                         ),
                         **{f"loss/{k}": float(np.mean(v)) for k, v in log_terms.items()},
+                        **{f"weight/{k}": w for k, w in objective.weights_at(state["step"]).items()},
                     },
                 )
                 log_terms, log_comm = {}, []
@@ -989,9 +1004,10 @@ def _step(
     optimizer,
     cfg: TrainConfig,
     task: Any,
+    step: int,
 ) -> tuple[dict[str, float], float]:
-    """One optimiser step over the micro-batches in ``group``; returns unweighted term values and
-    the gradient norm (before clipping)."""
+    """Optimiser step ``step`` (1-based) over the micro-batches in ``group``; returns unweighted term
+    values and the gradient norm (before clipping)."""
     t_outs = [teacher_outputs(mb) for mb in group]
     taps = objective.coupled_student_taps()
     counts = [task.count(mb) for mb in group]
@@ -1018,7 +1034,7 @@ def _step(
         leaves = {k: torch.cat([f[k] for f in feats]).requires_grad_(True) for k in taps}
         t_feats = {k: torch.cat([t.features[k] for t in t_outs]) for k in objective.teacher_taps()}
         coupled_vals = objective.batch_coupled(leaves, t_feats)
-        grads = torch.autograd.grad(objective.total(coupled_vals), list(leaves.values()))
+        grads = torch.autograd.grad(objective.total(coupled_vals, step), list(leaves.values()))
         feature_grads = [{} for _ in group]
         for k, g in zip(leaves, grads, strict=False):
             for i, part in enumerate(torch.split(g, [f[k].shape[0] for f in feats])):
@@ -1031,7 +1047,7 @@ def _step(
             with acc.autocast():
                 s_out = student(mb)
                 per = objective.per_example(s_out, t_out)
-                loss = objective.total(per) * (counts[i] * share) if per else 0.0
+                loss = objective.total(per, step) * (counts[i] * share) if per else 0.0
                 if feature_grads is not None:
                     # a surrogate whose gradient w.r.t. these features is the whole-step gradient
                     loss = loss + sum((_up(s_out.features[k]) * feature_grads[i][k]).sum() for k in taps)
@@ -1039,7 +1055,7 @@ def _step(
                     coupled_vals = objective.batch_coupled(
                         {k: s_out.features[k] for k in taps}, t_out.features
                     )
-                    loss = loss + objective.total(coupled_vals)
+                    loss = loss + objective.total(coupled_vals, step)
                     values.update({k: float(v.detach()) for k, v in coupled_vals.items()})
             acc.backward(loss)
         for k, v in per.items():
