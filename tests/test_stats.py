@@ -284,6 +284,31 @@ def test_last_step_metric_is_reported_from_the_rows_that_have_it() -> None:
     )
 
 
+def test_report_names_the_collapsed_runs_of_the_metrics_split(tmp_path: Path) -> None:
+    """Runs whose student gave every example of the metric's split one class (top_class_share 1)
+    are counted per group in a note; a share below 1 or another split's collapse is not; rows
+    without the diagnostic (written before it existed) are neither counted nor called collapsed."""
+    rows = rows_for({("kd", None): 0.0, ("kd+proj_mse", 1): -0.1}, seeds=range(6))
+    for r in rows:
+        r["test.top_class_share"] = 1.0 if r["method"] == "kd+proj_mse" and r["seed"] < 4 else 0.6
+        r["dev.top_class_share"] = 1.0 if r["method"] == "kd" and r["seed"] == 0 else 0.9
+    del rows[-1]["test.top_class_share"]
+    note = "Collapsed runs: 4 of the 11 runs with a test.top_class_share predict one class for every test example"
+    (got,) = [n for n in analyse(rows, resamples=200).notes if n.startswith("Collapsed")]
+    assert got.startswith(note) and "(kd+proj_mse (alpha=1, task=rte): 4 of 5);" in got
+    (dev,) = [
+        n for n in analyse(rows, metric="dev.accuracy", resamples=200).notes if n.startswith("Collapsed")
+    ]
+    assert "1 of the 12 runs" in dev and "(kd (task=rte): 1 of 6);" in dev and "proj_mse" not in dev
+    for r in rows:
+        r.pop("test.top_class_share", None)
+    assert not [n for n in analyse(rows, resamples=200).notes if n.startswith("Collapsed")]
+    md = write_report(analyse(rows, metric="dev.accuracy", resamples=200), tmp_path, resamples=200)[
+        "markdown"
+    ]
+    assert "Collapsed runs: 1 of the 12" in md.read_text()
+
+
 def test_single_pair_gives_no_test() -> None:
     (c,) = analyse(rows_for({("kd", None): 0, ("kd+gram", 1): 0.01}, seeds=[0]), resamples=100).comparisons
     assert c.verdict == "too few pairs" and math.isnan(c.p_t) and math.isnan(c.mde)

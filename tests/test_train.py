@@ -902,11 +902,28 @@ def test_evaluation_in_length_order_and_best_dev_kept(assets, tmp_path) -> None:
     model = r.student.model.eval()
     ds = r.task.dataset("dev")
     with torch.no_grad():
+        # a tiny student may answer one class everywhere: move its threshold into the widest gap
+        # between the middle half of its margins (away from ties that padding could flip)
+        logits = [model(**_model_inputs(r.task.collate([row]))).logits[0] for row in ds]
+        d = torch.stack([x[1] - x[0] for x in logits]).sort().values
+        lo = len(d) // 4
+        k = lo + int((d[lo + 1 : len(d) - lo] - d[lo : len(d) - lo - 1]).argmax())
+        model.classifier.bias[1] -= (d[k] + d[k + 1]) / 2
         preds = [int(model(**_model_inputs(r.task.collate([row]))).logits.argmax(-1)) for row in ds]
     labels = [row["labels"] for row in ds]
-    assert r.task.evaluate(model, "dev", batch_size=3, device=torch.device("cpu")) == classification_metrics(
-        preds, labels, r.task.data.metrics
-    )
+    top = max(preds.count(c) for c in set(preds)) / len(preds)
+    assert r.task.evaluate(model, "dev", batch_size=3, device=torch.device("cpu")) == {
+        **classification_metrics(preds, labels, r.task.data.metrics),
+        "top_class_share": top,
+    }
+    assert 0.5 <= top < 1.0
+    # a classifier that answers one class whatever the input has a share of 1 (what reports flag)
+    for c in (0, 1):
+        with torch.no_grad():
+            model.classifier.bias.copy_(torch.tensor([1e6 * (c == 0), 1e6 * (c == 1)]))
+        collapsed = r.task.evaluate(model, "dev", batch_size=3, device=torch.device("cpu"))
+        assert collapsed["top_class_share"] == 1.0
+        assert collapsed["accuracy"] == sum(y == c for y in labels) / len(labels)
     logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     at_best = next(row for row in logged if row["step"] == res["best_step"] and "dev/accuracy" in row)
     assert res["dev"] == {k[len("dev/") :]: v for k, v in at_best.items() if k.startswith("dev/")}

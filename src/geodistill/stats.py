@@ -336,6 +336,29 @@ def _resolve_metric(rows: list[dict[str, Any]], metric: str | None) -> str:
     return metric
 
 
+def _collapsed_note(rows: list[dict[str, Any]], metric: str, cols: dict[str, list[str]]) -> str | None:
+    """A note naming the runs whose classifier gave every example of the metric's split one class
+    (``<split>.top_class_share`` of 1: a collapsed student), per group; None when there are none.
+    Rows written before the diagnostic existed have no share and are not counted."""
+    split = metric.rpartition(".")[0]
+    share = f"{split}.top_class_share"
+    measured: dict[str, list[bool]] = {}
+    for row in rows:
+        if row.get(share) is not None and row.get(metric) is not None:
+            label = _label({c: row.get(c) for c in cols["treatment"] + cols["setting"]}) or "the results"
+            measured.setdefault(label, []).append(float(row[share]) >= 1.0)
+    bad = {label: flags for label, flags in measured.items() if any(flags)}
+    if not bad:
+        return None
+    total = sum(sum(flags) for flags in bad.values())
+    runs = sum(len(flags) for flags in measured.values())
+    each = "; ".join(f"{label}: {sum(flags)} of {len(flags)}" for label, flags in sorted(bad.items()))
+    return (
+        f"Collapsed runs: {total} of the {runs} runs with a {share} predict one class for every {split} "
+        f"example ({each}); their {metric} is that class's share, not a learned classifier's."
+    )
+
+
 def _parse_baseline(spec: str) -> tuple[str, dict[str, str]]:
     """``kd`` or ``kd+procrustes@alpha=1,layers=last``."""
     name, _, rest = spec.partition("@")
@@ -452,6 +475,9 @@ def analyse(
         group.values[rep] = scale * float(value)  # a repeated row: the last
     if missing:
         notes.append(f"{missing} finished run(s) have no value for {metric} and were left out.")
+    collapsed = _collapsed_note(ok, metric, cols)
+    if collapsed:
+        notes.append(collapsed)
 
     base_name, base_extra = _parse_baseline(baseline)
     if not any(g.treatment.get("method") == base_name for g in groups.values()):

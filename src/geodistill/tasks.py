@@ -197,9 +197,14 @@ class ClassificationTask:
             preds.append(logits.argmax(-1).cpu())
             labels.append(batch["labels"].cpu())
         model.train(was_training)
-        return classification_metrics(
-            torch.cat(preds).numpy(), torch.cat(labels).numpy(), tuple(metrics or self.data.metrics)
+        predicted = torch.cat(preds)
+        out = classification_metrics(
+            predicted.numpy(), torch.cat(labels).numpy(), tuple(metrics or self.data.metrics)
         )
+        # a diagnostic, not a score: the share of examples given the most-predicted class; 1.0 means
+        # the model answers one class whatever the input (a collapsed student), which reports flag
+        out["top_class_share"] = float(torch.bincount(predicted).max()) / len(predicted)
+        return out
 
     def cache_key(self) -> dict[str, Any]:
         """What determines the tokenised training inputs (for the teacher-output cache key)."""
