@@ -144,14 +144,14 @@ CE_TABLE = [
 KD_COLUMNS = list(zip(KD_TERMS, KD_HEADER, strict=True))
 
 #: the last layer's tokens on Rotten Tomatoes over five alphas (experiments/tokens_alpha_high), and
-#: projection MSE on the same tokens at three of them (experiments/tokens_mse)
-ALPHAS = [0.1, 0.3, 1.0, 3.0, 10.0]
+#: projection MSE on the same tokens at 0.01 to 10 (experiments/tokens_mse_low and tokens_mse)
+ALPHAS = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
 ALPHA_TABLE = [
     Line(
         RT,
         "narrow",
         f"last layer, every token: {label}",
-        {str(a): Cell("tokens_alpha_high", m, {"alpha": a}) for a in ALPHAS},
+        {str(a): Cell("tokens_alpha_high", m, {"alpha": a}) for a in ALPHAS[2:]},
     )
     for m, label in zip(TERMS3, KD_HEADER[:3], strict=True)
 ] + [
@@ -159,7 +159,10 @@ ALPHA_TABLE = [
         RT,
         "narrow",
         "last layer, every token: projection MSE",
-        {str(a): Cell("tokens_mse", "kd+proj_mse", {"alpha": a}) for a in (0.1, 1.0, 10.0)},
+        {
+            **{str(a): Cell("tokens_mse_low", "kd+proj_mse", {"alpha": a}) for a in (0.01, 0.03)},
+            **{str(a): Cell("tokens_mse", "kd+proj_mse", {"alpha": a}) for a in (0.1, 1.0, 10.0)},
+        },
     )
 ]
 

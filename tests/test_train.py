@@ -643,6 +643,7 @@ def test_every_shipped_config_loads() -> None:
         ("tokens_gram_alpha", 150, 150),
         ("tokens_alpha_high", 480, 480),
         ("tokens_mse", 390, 390),
+        ("tokens_mse_low", 120, 120),
         ("cls_alpha", 52, 52),
         ("subset", 210, 210),
         ("subset_tokens", 120, 120),
