@@ -165,3 +165,12 @@ def test_a_term_ramps_its_weight_over_its_warmup_steps() -> None:
             ValueError, match=r"losses\[1\]\.warmup_steps must be a whole number of steps >= 0"
         ):
             resolve_losses([LossConfig(name="ce"), LossConfig(name="gram", warmup_steps=bad)])
+    # start_step: off for S steps, then the ramp counts from there
+    (late,) = resolve_losses([LossConfig(name="gram", weight=2.0, start_step=3, warmup_steps=2)])
+    assert [late.weight_at(k) for k in range(1, 8)] == [0.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0]
+    (off,) = resolve_losses([LossConfig(name="gram", weight=2.0, start_step=2)])
+    assert [off.weight_at(k) for k in range(1, 5)] == [0.0, 0.0, 2.0, 2.0]
+    assert late.scheduled and off.scheduled and proj.scheduled and not kd.scheduled
+    for bad in (-1, 2.0, False):
+        with pytest.raises(ValueError, match=r"losses\[0\]\.start_step must be a whole number of steps >= 0"):
+            resolve_losses([LossConfig(name="gram", start_step=bad)])

@@ -202,6 +202,20 @@ def test_a_ramped_term_trains_at_its_ramped_weight(assets, tmp_path, term: str, 
     assert "loss/kd" in first and not any(k.startswith("weight/") for k in first)
 
 
+def test_a_delayed_term_leaves_kd_alone_until_it_starts(assets, tmp_path) -> None:
+    """With start_step: 2 a feature term does not touch the student for 2 steps: the student
+    equals plain KD's to the bit after 2 steps and differs after 3; the log records weight 0, 0, 1."""
+    kd = "losses=[{name: kd}]"
+    late = "losses=[{name: kd}, {name: procrustes, pooling: mean, weight: 1.0, start_step: 2}]"
+    for steps, same in ((2, True), (3, False)):
+        common = [f"train.max_steps={steps}", "train.batch_size=4"]
+        a = weights(run(make_cfg(assets, tmp_path / f"kd{steps}", *common, kd))[0].student.model)
+        b = weights(run(make_cfg(assets, tmp_path / f"late{steps}", *common, late))[0].student.model)
+        assert all(torch.equal(a[k], b[k]) for k in a) is same, steps
+    log = [json.loads(x) for x in (tmp_path / "late3" / "log.jsonl").read_text().splitlines()]
+    assert [row["weight/procrustes"] for row in log if "lr" in row] == [0.0, 0.0, 1.0]
+
+
 PAIRED_METHODS = {
     "ft": "losses=[{name: ce}]",
     "kd": "losses=[{name: kd}]",
@@ -537,7 +551,7 @@ def test_identity_hash_ignores_only_execution_fields(assets, tmp_path) -> None:
         for name in later:
             del before[section][name]
     for loss in before["losses"]:
-        del loss["warmup_steps"]  # a term's weight warm-up, added later
+        del loss["warmup_steps"], loss["start_step"]  # a term's weight schedule, added later
     assert identity_hash(cfg) == config_hash(before)
     for name, value in later.items():  # a later field that is used changes the run
         assert identity_hash(replace(cfg, train=replace(cfg.train, **{name: value}))) != identity_hash(cfg)
@@ -581,6 +595,10 @@ def test_identity_hash_unsets_loss_options_at_their_default() -> None:
         plain
     )
     assert identity_hash(cfg(LossConfig(name="procrustes", weight=0.1, warmup_steps=150))) != identity_hash(
+        plain
+    )
+    assert identity_hash(cfg(LossConfig(name="procrustes", weight=0.1, start_step=0))) == identity_hash(plain)
+    assert identity_hash(cfg(LossConfig(name="procrustes", weight=0.1, start_step=150))) != identity_hash(
         plain
     )
     assert identity_hash(cfg(LossConfig(name="kd", temperature=1))) == identity_hash(

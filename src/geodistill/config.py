@@ -198,10 +198,15 @@ class LossConfig:
         "cka/procrustes/gram under data parallelism: over the global batch (default) or each rank's shard",
         default=None,
     )
+    start_step: int = _help(
+        "any term: off (weight 0) for the first S optimiser steps, so that KD alone moves the student "
+        "first; 0: on from the first step",
+        default=0,
+    )
     warmup_steps: int = _help(
-        "any term: its weight rises linearly over the first N optimiser steps, weight x min(1, step / N) "
-        "at step 1, 2, ... (a ramp that lets KD move the student before a feature term pulls); 0: full weight "
-        "from the first step",
+        "any term: once on, its weight rises linearly over N optimiser steps, weight x min(1, k / N) at "
+        "its k-th step (a ramp that lets KD move the student before a feature term pulls); 0: full weight "
+        "from its first step",
         default=0,
     )
 
@@ -457,7 +462,7 @@ def _reset_execution(obj: Any) -> Any:
 #: that configs which do not use them keep the hash of their finished runs and cached teachers
 ADDED_LATER: dict[type, tuple[str, ...]] = {
     TrainConfig: ("group_by_length", "fused_optimizer", "polar", "compile_polar"),
-    LossConfig: ("warmup_steps",),
+    LossConfig: ("start_step", "warmup_steps"),
 }
 
 

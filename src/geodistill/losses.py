@@ -198,15 +198,24 @@ class LossTerm:
     spec: LossSpec
     options: dict[str, Any]
     warmup_steps: int = 0
+    start_step: int = 0
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the weight changes over training (a delayed start or a ramp)."""
+        return self.start_step > 0 or self.warmup_steps > 0
 
     def weight_at(self, step: int) -> float:
-        """The term's weight at optimiser step ``step`` (1-based): ``weight`` after its warm-up, a
-        linear ramp ``weight * step / warmup_steps`` during it."""
+        """The term's weight at optimiser step ``step`` (1-based): 0 up to ``start_step``, then a
+        linear ramp ``weight * k / warmup_steps`` over its k-th step from there, then ``weight``."""
         if step < 1:
             raise ValueError(f"steps count from 1, got {step}")
-        if self.warmup_steps <= 0 or step >= self.warmup_steps:
+        k = step - self.start_step
+        if k <= 0:
+            return 0.0
+        if self.warmup_steps <= 0 or k >= self.warmup_steps:
             return self.weight
-        return self.weight * step / self.warmup_steps
+        return self.weight * k / self.warmup_steps
 
     def __call__(self, *args: Tensor, **kw: Any) -> Tensor:
         extra = {k: v for k, v in self.options.items() if k in ("temperature", "direction", "angular")}
@@ -229,7 +238,7 @@ def resolve_losses(configs: tuple[LossConfig, ...] | list[LossConfig]) -> tuple[
         spec = LOSSES[cfg.name]
         options = dict(spec.options)
         for f in dataclasses.fields(cfg):
-            if f.name in ("name", "weight", "warmup_steps"):
+            if f.name in ("name", "weight", "start_step", "warmup_steps"):
                 continue
             value = getattr(cfg, f.name)
             if value is None:
@@ -241,17 +250,13 @@ def resolve_losses(configs: tuple[LossConfig, ...] | list[LossConfig]) -> tuple[
             options[f.name] = value
         if cfg.weight < 0:
             raise ValueError(f"{where}.weight must be >= 0, got {cfg.weight}")
-        if (
-            isinstance(cfg.warmup_steps, bool)
-            or not isinstance(cfg.warmup_steps, int)
-            or cfg.warmup_steps < 0
-        ):
-            raise ValueError(
-                f"{where}.warmup_steps must be a whole number of steps >= 0, got {cfg.warmup_steps!r}"
-            )
+        for name in ("start_step", "warmup_steps"):
+            value = getattr(cfg, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where}.{name} must be a whole number of steps >= 0, got {value!r}")
         if "temperature" in options and not options["temperature"] > 0:
             raise ValueError(f"{where}.temperature must be > 0, got {options['temperature']}")
         counts[cfg.name] = counts.get(cfg.name, 0) + 1
         key = cfg.name if counts[cfg.name] == 1 else f"{cfg.name}.{counts[cfg.name] - 1}"
-        terms.append(LossTerm(key, cfg.name, cfg.weight, spec, options, cfg.warmup_steps))
+        terms.append(LossTerm(key, cfg.name, cfg.weight, spec, options, cfg.warmup_steps, cfg.start_step))
     return tuple(terms)

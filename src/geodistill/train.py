@@ -199,12 +199,12 @@ class Objective:
         return term(x, y)
 
     def total(self, values: dict[str, Tensor], step: int) -> Tensor:
-        """The weighted sum at optimiser step ``step`` (1-based; a term's weight may ramp up)."""
+        """The weighted sum at optimiser step ``step`` (1-based; a term may start late or ramp up)."""
         return sum(term.weight_at(step) * values[term.key] for term in self.terms if term.key in values)  # type: ignore[return-value]
 
     def weights_at(self, step: int) -> dict[str, float]:
-        """The weights of the terms that ramp up, at ``step`` (what the training log records)."""
-        return {term.key: term.weight_at(step) for term in self.terms if term.warmup_steps}
+        """The weights of the scheduled terms at ``step`` (what the training log records)."""
+        return {term.key: term.weight_at(step) for term in self.terms if term.scheduled}
 
 
 # ------------------------------------------------------------------------------------------
