@@ -188,6 +188,10 @@ LOSSES: dict[str, LossSpec] = {
 }
 
 
+#: the fields of a loss entry that schedule its weight over training (any term), not options of the loss
+SCHEDULE_FIELDS = ("start_step", "warmup_steps")
+
+
 @dataclass(frozen=True)
 class LossTerm:
     """A validated loss entry: its key in logs, weight, spec and resolved options."""
@@ -238,7 +242,7 @@ def resolve_losses(configs: tuple[LossConfig, ...] | list[LossConfig]) -> tuple[
         spec = LOSSES[cfg.name]
         options = dict(spec.options)
         for f in dataclasses.fields(cfg):
-            if f.name in ("name", "weight", "start_step", "warmup_steps"):
+            if f.name in ("name", "weight", *SCHEDULE_FIELDS):
                 continue
             value = getattr(cfg, f.name)
             if value is None:
@@ -250,7 +254,7 @@ def resolve_losses(configs: tuple[LossConfig, ...] | list[LossConfig]) -> tuple[
             options[f.name] = value
         if cfg.weight < 0:
             raise ValueError(f"{where}.weight must be >= 0, got {cfg.weight}")
-        for name in ("start_step", "warmup_steps"):
+        for name in SCHEDULE_FIELDS:
             value = getattr(cfg, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{where}.{name} must be a whole number of steps >= 0, got {value!r}")
@@ -258,5 +262,6 @@ def resolve_losses(configs: tuple[LossConfig, ...] | list[LossConfig]) -> tuple[
             raise ValueError(f"{where}.temperature must be > 0, got {options['temperature']}")
         counts[cfg.name] = counts.get(cfg.name, 0) + 1
         key = cfg.name if counts[cfg.name] == 1 else f"{cfg.name}.{counts[cfg.name] - 1}"
-        terms.append(LossTerm(key, cfg.name, cfg.weight, spec, options, cfg.warmup_steps, cfg.start_step))
+        schedule = {name: getattr(cfg, name) for name in SCHEDULE_FIELDS}
+        terms.append(LossTerm(key, cfg.name, cfg.weight, spec, options, **schedule))
     return tuple(terms)
