@@ -176,3 +176,100 @@ def test_a_directory_does_not_shadow_a_shipped_config(tmp_path, monkeypatch) -> 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "experiments" / "alpha").mkdir(parents=True)  # e.g. committed results of that sweep
     assert resolve_config_path("experiments/alpha") == CONFIG_DIR / "experiments/alpha.yaml"
+
+
+def test_geometry_measures_each_swept_student_against_its_teacher(assets, tmp_path, capsys) -> None:
+    """`geodistill geometry` over a finished sweep: each student's last hidden state against the
+    teacher's, equal to an independent NumPy computation from the saved models; resumes without
+    repeating a run, refuses other settings in the same folder, names runs it cannot measure,
+    and its rows feed `geodistill report` (a distance: lower is better, in its own units)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from geodistill.experiments import read_rows
+    from test_geometry import ref_all
+
+    base = to_dict(make_cfg(assets, tmp_path / "unused", "train.max_steps=3"))
+    base.pop("output_dir")
+    sweep = {
+        "name": "geo",
+        "base": base,
+        "methods": {
+            "kd": {"losses": [{"name": "kd", "temperature": 2.0}]},
+            "kd+procrustes": {
+                "losses": [
+                    {"name": "kd", "temperature": 2.0},
+                    {"name": "procrustes", "weight": 1.0, "pooling": "tokens"},
+                ]
+            },
+        },
+        "grid": {"seed": [0, 1]},
+        "output_dir": str(tmp_path / "sweep"),
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--quiet"]) == 0
+    results = tmp_path / "sweep" / "results.jsonl"
+    rows = read_rows(results)
+    assert len(rows) == 4
+    # a row whose run folder is gone (e.g. a row copied from another machine's sweep)
+    with open(results, "a") as f:
+        f.write(
+            json.dumps(
+                {
+                    **rows[0],
+                    "config_hash": "0" * 12,
+                    "run_id": "kd-00000000",
+                    "output_dir": str(tmp_path / "gone"),
+                }
+            )
+            + "\n"
+        )
+    capsys.readouterr()
+
+    out = tmp_path / "geo"
+    assert main(["geometry", str(results), "--out", str(out), "--max-examples", "12", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "not measured" in err and str(tmp_path / "gone") in err
+    measured = read_rows(out / "geometry.jsonl")
+    assert len(measured) == 4 and {r["seed"] for r in measured} == {0, 1}
+    assert (out / "geometry.md").read_text().count("| kd") == 2
+    assert (out / "geometry.png").stat().st_size > 1000
+
+    # independent: transformers' own forward of the saved models over the test split's tokens
+    texts = [line.split(",")[0] for line in (assets["data"] / "test.csv").read_text().splitlines()[1:]]
+
+    def tokens(model_dir: Path) -> torch.Tensor:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        enc = tok(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+        with torch.no_grad():
+            h = AutoModel.from_pretrained(model_dir)(**enc, output_hidden_states=True).hidden_states[-1]
+        return h[enc["attention_mask"].bool()].double()
+
+    teacher = tokens(assets["teacher"])
+    for row in measured:
+        ref = ref_all(tokens(Path(row["output_dir"]) / "best"), teacher)
+        assert row["geometry"]["samples"] == teacher.shape[0]
+        assert row["test.teacher_cka"] == pytest.approx(ref["cka"], abs=1e-9)
+        assert row["test.teacher_procrustes"] == pytest.approx(ref["procrustes"], abs=1e-9)
+        assert row["test.teacher_procrustes_angular"] == pytest.approx(ref["angular"], abs=1e-9)
+        assert row["test.teacher_gram"] == pytest.approx(ref["gram"], abs=1e-9)
+    assert len({round(r["test.teacher_procrustes"], 9) for r in measured}) == 4  # four different students
+    assert all(np.isfinite(r["test.accuracy"]) for r in measured)  # the run's own row, kept
+
+    # resumes: nothing measured twice; other settings in the same folder are refused
+    assert main(["geometry", str(results), "--out", str(out), "--max-examples", "12", "--quiet"]) == 0
+    assert len(read_rows(out / "geometry.jsonl")) == 4
+    assert main(["geometry", str(results), "--out", str(out), "--max-examples", "6", "--quiet"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert (
+        main(["geometry", str(results), "--out", str(tmp_path / "g9"), "--student-layer", "9", "--quiet"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "student_layer 9: " in err and "has 3 hidden states" in err
+
+    # the rows are a results file: paired comparisons of a distance, lower being closer
+    assert main(["report", str(out / "geometry.jsonl"), "--metric", "test.teacher_procrustes"]) == 0
+    report = (out / "report" / "report.md").read_text()
+    assert "lower is better" in report and "measure against the teacher" in report

@@ -245,6 +245,52 @@ def test_a_metric_that_is_not_a_fraction_keeps_its_units(tmp_path: Path) -> None
     assert json.loads(paths["json"].read_text())["unit"] == "metric"
 
 
+def test_distances_to_the_teacher_are_better_lower_and_never_percent(tmp_path: Path) -> None:
+    """`geodistill geometry`'s measures: a smaller Procrustes distance to the teacher is the win
+    (its interval below 0), a larger one the loss; CKA keeps higher-is-better; both in their own
+    units although their values lie in [0, 1]; the summary table and figure are written."""
+    from geodistill.similarity import MEASURES
+    from geodistill.stats import TEACHER_MEASURES, lower_is_better, write_geometry_summary
+
+    assert set(TEACHER_MEASURES) == {f"teacher_{m}" for m in MEASURES}
+    assert [m for m in TEACHER_MEASURES if lower_is_better(f"test.{m}")] == [
+        "teacher_procrustes",
+        "teacher_procrustes_angular",
+        "teacher_gram",
+    ]
+    assert not lower_is_better("test.accuracy")
+    rows = rows_for({("kd", None): 0.0, ("kd+procrustes", 1): 0.01, ("kd+cka", 1): -0.01})
+    for r in rows:  # closer to the teacher where accuracy is higher: distance falls, CKA rises
+        r["test.teacher_procrustes"] = 1.0 - 5 * (r["test.accuracy"] - 0.7)
+        r["test.teacher_cka"] = 0.4 + 5 * (r["test.accuracy"] - 0.7)
+        r["test.teacher_procrustes_angular"] = 1.0
+        r["test.teacher_gram"] = 0.3
+        r["geometry"] = {
+            "split": "test",
+            "pooling": "tokens",
+            "max_examples": 256,
+            "student_layer": -1,
+            "teacher_layer": -1,
+        }
+    a = analyse(rows, metric="test.teacher_procrustes", resamples=500)
+    by = {c.treatment["method"]: c for c in a.comparisons}
+    assert a.lower_is_better and not a.percent and by["kd+procrustes"].unit == "units"
+    assert by["kd+procrustes"].mean_diff == pytest.approx(-0.05, abs=0.01)  # units, not x 100
+    assert by["kd+procrustes"].ci_high < 0 and by["kd+procrustes"].verdict == "win"
+    assert by["kd+cka"].ci_low > 0 and by["kd+cka"].verdict == "loss"
+    a = analyse(rows, metric="test.teacher_cka", resamples=500)
+    assert not a.lower_is_better and not a.percent
+    assert {c.treatment["method"]: c.verdict for c in a.comparisons} == {
+        "kd+procrustes": "win",
+        "kd+cka": "loss",
+    }
+    paths = write_geometry_summary(rows, tmp_path, split="test")
+    md = paths[0].read_text()
+    assert "| kd (task=rte) | 20 |" in md and "r(CKA, metric)" in md and "test.accuracy" in md
+    assert "+1.00 |" in md  # CKA is an exact linear function of accuracy here
+    assert paths[1].name == "geometry.png" and paths[1].stat().st_size > 1000
+
+
 def test_unpaired_runs_are_refused_clearly() -> None:
     rows = rows_for({("kd", None): 0.0}, seeds=range(5)) + rows_for(
         {("kd+procrustes", 1): 0.01}, seeds=range(5, 10)

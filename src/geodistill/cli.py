@@ -124,6 +124,32 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_geometry(args: argparse.Namespace) -> int:
+    from geodistill.evaluate_model import student_geometry
+    from geodistill.stats import parse_where, write_geometry_summary
+
+    out = Path(args.out) if args.out else Path(args.results[0]).parent / "geometry"
+    rows, notes = student_geometry(
+        args.results,
+        out,
+        where=parse_where(args.where),
+        split=args.split,
+        pooling=args.pooling,
+        max_examples=args.max_examples,
+        student_layer=args.student_layer,
+        teacher_layer=args.teacher_layer,
+        progress=not args.quiet,
+    )
+    for note in notes:
+        print(f"geodistill geometry: not measured: {note}", file=sys.stderr)
+    if not rows:
+        print("geodistill geometry: no student measured", file=sys.stderr)
+        return 1
+    paths = write_geometry_summary(rows, out, split=args.split, metric=args.metric)
+    print(f"{len(rows)} students measured; wrote {out / 'geometry.jsonl'}, " + ", ".join(map(str, paths)))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from geodistill.demo import run_demo
 
@@ -161,7 +187,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for c in analysis.comparisons:
         where = ", ".join(f"{k}={v}" for k, v in c.setting.items() if v is not None)
         what = ", ".join(f"{k}={v}" for k, v in c.treatment.items() if v is not None)
-        print(f"{where}: {what}: {c.mean_diff:+.2f} points, {c.pairs} pairs: {c.verdict_text()}")
+        print(f"{where}: {what}: {c.mean_diff:+.2f} {c.unit}, {c.pairs} pairs: {c.verdict_text()}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -240,6 +266,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, default=512, help="examples used (first N of the split)")
     p.add_argument("--out", default="outputs/similarity", help="output directory for the CSV and heatmaps")
     p.set_defaults(func=_cmd_similarity)
+
+    p = sub.add_parser(
+        "geometry", help="every trained student of a sweep against its teacher: CKA, Procrustes, Gram"
+    )
+    p.add_argument(
+        "results", nargs="+", help="results.jsonl file(s) of sweeps whose run folders are on this machine"
+    )
+    p.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="COLUMN=VALUE[,VALUE]",
+        help="only these rows; repeatable",
+    )
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--pooling", default="tokens", choices=["cls", "mean", "tokens", "last"])
+    p.add_argument("--max-examples", type=int, default=256, help="examples used (first N of the split)")
+    p.add_argument(
+        "--student-layer", type=int, default=-1, help="student hidden-state index (0 = embeddings, -1 = last)"
+    )
+    p.add_argument(
+        "--teacher-layer", type=int, default=-1, help="teacher hidden-state index (0 = embeddings, -1 = last)"
+    )
+    p.add_argument(
+        "--metric",
+        default=None,
+        help="metric beside the measures in geometry.md (default: the rows' test metric)",
+    )
+    p.add_argument(
+        "--out", default=None, help="output directory (default: geometry/ beside the first results file)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_geometry)
 
     p = sub.add_parser("theory", help="the paper's theorems and synthetic study, in numbers and plots")
     p.add_argument("--out", default="outputs/theory", help="output directory for report.md and PNG figures")

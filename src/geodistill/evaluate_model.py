@@ -1,7 +1,11 @@
-"""Evaluate saved models and compare two models' representations, from a config's dataset."""
+"""Evaluate saved models and compare models' representations, from a config's dataset: two
+models (``similarity_report``) or every trained student of a sweep against its teacher
+(``student_geometry``)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +13,7 @@ import torch
 
 from geodistill.config import DistillConfig
 
-__all__ = ["evaluate_saved", "similarity_report"]
+__all__ = ["evaluate_saved", "similarity_report", "student_geometry"]
 
 
 def _classification_task(
@@ -81,3 +85,132 @@ def similarity_report(
     b = models.load_classifier(model_b, num_labels=task.num_labels)
     rows = layer_similarity(a, b, task, split=split, pooling=pooling, batch_size=cfg.train.eval_batch_size)
     return write_similarity(rows, out_dir, label_a=Path(model_a).name, label_b=Path(model_b).name)
+
+
+def _teacher_of(cfg: DistillConfig) -> str | None:
+    """The teacher a finished run distilled from: its fine-tuned copy in the cache (None when this
+    machine has not fitted it) or the named model."""
+    if not cfg.teacher.finetune:
+        return cfg.teacher.name
+    from geodistill.finetune import finetune_config
+
+    best = Path(finetune_config(cfg).output_dir) / "best"
+    return str(best) if (best / "config.json").exists() else None
+
+
+def _layer(states: list[torch.Tensor], index: int, name: str, model: str) -> torch.Tensor:
+    if not -len(states) <= index < len(states):
+        raise ValueError(
+            f"{name} {index}: {model} has {len(states)} hidden states (0 = embeddings, -1 = last)"
+        )
+    return states[index]
+
+
+def student_geometry(
+    results: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    where: dict[str, list[str]] | None = None,
+    split: str = "test",
+    pooling: str = "tokens",
+    max_examples: int = 256,
+    student_layer: int = -1,
+    teacher_layer: int = -1,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each finished run's trained student (``<run>/best``) against the teacher it learnt from:
+    CKA, Procrustes (and its angle) and the Gram distance between the student's hidden state
+    ``student_layer`` and the teacher's ``teacher_layer`` (0 = embeddings, -1 = last) on the first
+    ``max_examples`` of ``split``, pooled by ``pooling``.
+
+    Each measured run is appended to ``out_dir/geometry.jsonl`` at once: its results row plus
+    ``<split>.teacher_cka``, ``<split>.teacher_procrustes``, ``<split>.teacher_procrustes_angular``,
+    ``<split>.teacher_gram`` and the measurement's settings (``geometry``), so ``geodistill report``
+    compares methods on them, paired by seed as on accuracy; an interrupted call resumes, skipping
+    the runs already there. The teacher's states are computed once per teacher and data split.
+    Returns every measured row (earlier calls' too) and notes on the runs that could not be
+    measured here (no checkpoint on this machine, teacher not fitted here, not a classifier).
+    """
+    from geodistill import models
+    from geodistill.config import from_dict, to_dict
+    from geodistill.experiments import append_row, read_rows
+    from geodistill.similarity import hidden_states, measure_pair
+    from geodistill.stats import GEOMETRY_NAME, merge_results, select_rows
+    from geodistill.train import quiet_libraries
+
+    rows, _, _ = merge_results(results)
+    rows = [r for r in rows if r.get("status", "ok") == "ok"]
+    if where:
+        rows = select_rows(rows, where)
+    out = Path(out_dir) / GEOMETRY_NAME
+    settings = {
+        "split": split,
+        "pooling": pooling,
+        "max_examples": max_examples,
+        "student_layer": student_layer,
+        "teacher_layer": teacher_layer,
+    }
+    measured = read_rows(out)
+    for r in measured:
+        if {k: r.get("geometry", {}).get(k) for k in settings} != settings:
+            raise ValueError(
+                f"{out} holds measurements with other settings ({r.get('geometry')}, asked {settings}); "
+                "choose another --out"
+            )
+    done = {r.get("config_hash") for r in measured}
+    todo = [r for r in rows if r.get("config_hash") not in done]
+    notes: list[str] = []
+    if not todo:
+        return measured, notes
+    quiet_libraries()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher_states: dict[tuple[str, str], torch.Tensor] = {}
+    bar = todo
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(todo, desc="student geometry", unit="run", dynamic_ncols=True)
+    for row in bar:
+        run_dir = Path(str(row.get("output_dir")))
+        student_dir = run_dir / "best"
+        if not (student_dir / "config.json").exists() or not (run_dir / "run.json").exists():
+            notes.append(f"{row.get('run_id')}: no trained student at {student_dir} on this machine")
+            continue
+        cfg = from_dict(DistillConfig, json.loads((run_dir / "run.json").read_text())["config"])
+        if cfg.task != "classification":
+            notes.append(f"{row.get('run_id')}: task {cfg.task!r}; only classification students are measured")
+            continue
+        teacher_name = _teacher_of(cfg)
+        if teacher_name is None:
+            notes.append(
+                f"{row.get('run_id')}: its fine-tuned teacher is not on this machine "
+                "(geodistill finetune with the run's config fits it)"
+            )
+            continue
+        tok_s, tok_t = models.load_tokenizer(str(student_dir)), models.load_tokenizer(teacher_name)
+        task = _classification_task(cfg, tok_s, tok_t, max_examples=max_examples)
+        if pooling == "tokens" and task.separate_teacher_inputs:
+            notes.append(
+                f"{row.get('run_id')}: pooling 'tokens' needs the student to share the teacher's tokenizer"
+            )
+            continue
+        batch = cfg.train.eval_batch_size
+        key = (teacher_name, json.dumps(to_dict(cfg.data), sort_keys=True, default=str))
+        if key not in teacher_states:
+            teacher = models.load_classifier(teacher_name, num_labels=task.num_labels).to(device)
+            states = hidden_states(teacher, task, split, pooling, batch, teacher=True)
+            teacher_states[key] = _layer(states, teacher_layer, "teacher_layer", teacher_name)
+            del teacher
+        student = models.load_classifier(str(student_dir), num_labels=task.num_labels).to(device)
+        states = hidden_states(student, task, split, pooling, batch, teacher=False)
+        x = _layer(states, student_layer, "student_layer", str(student_dir))
+        y = teacher_states[key]
+        if x.shape[0] != y.shape[0]:
+            raise RuntimeError(
+                f"{row.get('run_id')}: {x.shape[0]} student samples but {y.shape[0]} teacher samples"
+            )
+        values = {f"{split}.teacher_{m}": v for m, v in measure_pair(x, y).items()}
+        new = {**row, **values, "geometry": {**settings, "samples": x.shape[0], "teacher": teacher_name}}
+        append_row(out, new)
+        measured.append(new)
+    return measured, notes

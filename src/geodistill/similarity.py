@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from geodistill import geometry
 from geodistill.features import pool
 
-__all__ = ["MEASURES", "layer_similarity", "write_similarity"]
+__all__ = ["MEASURES", "hidden_states", "layer_similarity", "measure_pair", "write_similarity"]
 
 MEASURES = {
     "cka": geometry.cka,
@@ -29,9 +29,12 @@ MEASURES = {
 
 
 @torch.no_grad()
-def _hidden(
+def hidden_states(
     model: Any, task: Any, split: str, pooling: str, batch_size: int, teacher: bool
 ) -> list[torch.Tensor]:
+    """Every hidden state of ``model`` on ``task``'s ``split``, pooled (padding masked), float64:
+    one ``(samples, width)`` tensor per hidden-state index (0 = embeddings). ``teacher`` reads the
+    teacher's inputs where the task tokenises them apart."""
     model.eval()
     per_layer: list[list[torch.Tensor]] | None = None
     loader = DataLoader(task.dataset(split), batch_size=batch_size, shuffle=False, collate_fn=task.collate)
@@ -60,20 +63,18 @@ def layer_similarity(
     """One row per (layer_a, layer_b): every measure in :data:`MEASURES` (float64)."""
     if pooling == "tokens" and task.separate_teacher_inputs:
         raise ValueError("pooling 'tokens' needs both models to share a tokenizer")
-    ha = _hidden(model_a, task, split, pooling, batch_size, teacher=False)
-    hb = _hidden(model_b, task, split, pooling, batch_size, teacher=True)
+    ha = hidden_states(model_a, task, split, pooling, batch_size, teacher=False)
+    hb = hidden_states(model_b, task, split, pooling, batch_size, teacher=True)
     rows = []
     for i, x in enumerate(ha):
         for j, y in enumerate(hb):
-            rows.append(
-                {
-                    "layer_a": i,
-                    "layer_b": j,
-                    "n": x.shape[0],
-                    **{m: float(f(x, y)) for m, f in MEASURES.items()},
-                }
-            )
+            rows.append({"layer_a": i, "layer_b": j, "n": x.shape[0], **measure_pair(x, y)})
     return rows
+
+
+def measure_pair(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Every measure in :data:`MEASURES` of one pair of sample matrices (same rows)."""
+    return {m: float(f(x, y)) for m, f in MEASURES.items()}
 
 
 def write_similarity(

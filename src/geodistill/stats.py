@@ -36,6 +36,24 @@ import numpy as np
 
 # a results row's metric columns: the selected (best-on-dev) student's, then the last step's
 METRIC_PREFIXES = ("dev.", "test.", "last_dev.", "last_test.")
+# the measures `geodistill geometry` adds to each row (the student's representations against its
+# teacher's on a split, one per geodistill.similarity.MEASURES): in their own units, never percent,
+# and for the distances lower is better (closer to the teacher)
+TEACHER_MEASURES = {
+    "teacher_cka": "higher",
+    "teacher_procrustes": "lower",
+    "teacher_procrustes_angular": "lower",
+    "teacher_gram": "lower",
+}
+
+
+GEOMETRY_NAME = "geometry.jsonl"  # what `geodistill geometry` writes, one row per measured student
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` is the better one (a distance to the teacher)."""
+    return TEACHER_MEASURES.get(metric.rpartition(".")[2]) == "lower"
+
 
 __all__ = [
     "Analysis",
@@ -279,6 +297,7 @@ class Analysis:
     alpha: float = 0.05
     power: float = 0.8
     percent: bool = True  # values are fractions shown in percent; False: the metric's own units
+    lower_is_better: bool = False  # a distance: a negative difference is the win
 
     @property
     def unit(self) -> str:
@@ -449,7 +468,9 @@ def analyse(
     hashes: dict[tuple, str] = {}
     missing = 0
     found = [float(r[metric]) for r in ok if r.get(metric) is not None and math.isfinite(float(r[metric]))]
-    percent = all(0.0 <= v <= 1.0 for v in found)  # fractions -> percent; anything else as it is
+    # fractions -> percent; anything else (and a measure against the teacher) as it is
+    percent = metric.rpartition(".")[2] not in TEACHER_MEASURES and all(0.0 <= v <= 1.0 for v in found)
+    lower = lower_is_better(metric)
     scale, unit = (100.0, "points") if percent else (1.0, "units")
     for row in ok:
         value = row.get(metric)
@@ -519,7 +540,7 @@ def analyse(
             strict = alpha / len(family)
             c.mde_holm = minimum_detectable_effect(c.pairs, c.sd_diff, alpha=strict, power=power)
             c.seeds_needed_holm = seeds_for_power(c.sd_diff, delta, alpha=strict, power=power)
-            c.verdict = verdict(c, float(pt), alpha=alpha)
+            c.verdict = verdict(c, float(pt), alpha=alpha, lower_is_better=lower)
         comparisons.extend(family)
     return Analysis(
         metric=metric,
@@ -534,20 +555,20 @@ def analyse(
         alpha=alpha,
         power=power,
         percent=percent,
+        lower_is_better=lower,
     )
 
 
-def verdict(c: Comparison, p_t_adjusted: float, *, alpha: float = 0.05) -> str:
+def verdict(c: Comparison, p_t_adjusted: float, *, alpha: float = 0.05, lower_is_better: bool = False) -> str:
     """The report's rule: ``win`` when the bootstrap interval lies above 0 and the (Holm-)adjusted
     t-test p is below ``alpha``, ``loss`` for the mirror image, ``tie`` otherwise; ``too few pairs``
-    below 2 pairs. ``p_t_adjusted`` is the caller's: the report adjusts within a setting, other
-    tables (experiments/glance.py) over a larger family."""
+    below 2 pairs. With ``lower_is_better`` (a distance) an interval below 0 is the win.
+    ``p_t_adjusted`` is the caller's: the report adjusts within a setting, other tables
+    (experiments/glance.py) over a larger family."""
     if c.pairs < 2:
         return "too few pairs"
-    if c.ci_low > 0 and p_t_adjusted < alpha:
-        return "win"
-    if c.ci_high < 0 and p_t_adjusted < alpha:
-        return "loss"
+    if p_t_adjusted < alpha and (c.ci_low > 0 or c.ci_high < 0):
+        return "win" if (c.ci_low > 0) != lower_is_better else "loss"
     return "tie"
 
 
@@ -1084,7 +1105,13 @@ def write_report(
         + (
             "in percent"
             if a.percent
-            else "in its own units (its values are not all in [0, 1], so not a fraction)"
+            else "in its own units ("
+            + (
+                "a measure against the teacher, from `geodistill geometry`"
+                if a.metric.rpartition(".")[2] in TEACHER_MEASURES
+                else "its values are not all in [0, 1], so not a fraction"
+            )
+            + ")"
         )
         + f"; baseline `{a.baseline}`.",
         "",
@@ -1092,7 +1119,8 @@ def write_report(
         f"initialisation, data order and dropout for every method. Differences are in {a.unit} (method "
         "minus baseline) with 95% percentile bootstrap intervals (10,000 resamples of the paired "
         "differences). p-values are two-sided, Holm-corrected over the comparisons of each setting. "
-        f"**win**: interval above 0 and Holm-adjusted t-test p < {a.alpha:g}; **loss**: the mirror "
+        f"**win**: interval {'below 0 (lower is better for this metric)' if a.lower_is_better else 'above 0'} "
+        f"and Holm-adjusted t-test p < {a.alpha:g}; **loss**: the mirror "
         "image; otherwise **tie**, with the minimum detectable effect (MDE): the true difference the "
         f"paired t-test would find with {a.power:.0%} power at these many pairs and this spread.",
         "",
@@ -1316,3 +1344,100 @@ def report(
         seed=seed,
         resamples=resamples,
     )
+
+
+def write_geometry_summary(
+    rows: list[dict[str, Any]], out_dir: Path, *, split: str, metric: str | None = None
+) -> list[Path]:
+    """``geometry.md`` (per treatment: runs, mean ``metric``, each measure's mean and range, and
+    the correlation of CKA with ``metric`` across its runs) and ``geometry.png`` (the Procrustes
+    distance against CKA, and ``metric`` against CKA, one point per student). Rows as written by
+    :func:`geodistill.evaluate_model.student_geometry`; ``metric`` defaults to the rows' test
+    metric. Returns the written paths."""
+    if not rows:
+        raise StatsError("no measured students to summarise")
+    metric = _resolve_metric(rows, metric)
+    cols = _columns(rows)
+    keys = cols["setting"] + cols["treatment"]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(_label({k: r.get(k) for k in keys}) or "all runs", []).append(r)
+    names = [f"{split}.{m}" for m in TEACHER_MEASURES]
+    cka_name, procrustes_name = names[0], names[1]
+    settings = rows[0].get("geometry", {})
+    table = []
+    for label, members in sorted(groups.items()):
+        values = {m: np.array([float(r[m]) for r in members]) for m in names}
+        acc = np.array([float(r.get(metric, math.nan)) for r in members])
+        ok = np.isfinite(acc)
+        r_text = "n/a"
+        if ok.sum() >= 3 and acc[ok].std() > 0 and values[cka_name][ok].std() > 0:
+            r_text = f"{np.corrcoef(values[cka_name][ok], acc[ok])[0, 1]:+.2f}"
+        table.append(
+            [label, str(len(members)), f"{np.nanmean(acc):.4f}" if ok.any() else "n/a"]
+            + [f"{v.mean():.3f} [{v.min():.3f}, {v.max():.3f}]" for v in values.values()]
+            + [r_text]
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "geometry.md"]
+    try:
+        paths.append(_geometry_figure(groups, out_dir, cka_name, procrustes_name, metric))
+        figure = f"![students against their teachers]({paths[1].name})"
+    except ImportError:
+        figure = "matplotlib is not installed (`pip install geodistill[plots]`): no figure."
+    text = [
+        "# Trained students against their teachers",
+        "",
+        f"Each student's hidden state {settings.get('student_layer')} against its teacher's "
+        f"{settings.get('teacher_layer')} (-1 = last) on the first {settings.get('max_examples')} "
+        f"examples of {split}, pooling {settings.get('pooling')!r}: CKA (a similarity: 1 = the same "
+        "geometry up to scale), the Procrustes distance 2 - 2||X^T Y||_*, its angle (radians) and "
+        "the Gram distance (0 = the same geometry). Mean [min, max] over the runs; r: Pearson "
+        f"correlation of CKA with {metric} over the group's runs. Paired comparisons: "
+        f"`geodistill report {GEOMETRY_NAME} --metric {procrustes_name}` (or another measure).",
+        "",
+        _markdown(
+            ["group", "runs", metric]
+            + [m.partition(".")[2].removeprefix("teacher_") for m in names]
+            + ["r(CKA, metric)"],
+            table,
+        ),
+        "",
+        figure,
+    ]
+    paths[0].write_text("\n".join(text) + "\n")
+    return paths
+
+
+def _geometry_figure(
+    groups: dict[str, list[dict[str, Any]]], out_dir: Path, cka_name: str, procrustes_name: str, metric: str
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.4), layout="constrained")
+    for label, members in sorted(groups.items()):
+        cka = [float(r[cka_name]) for r in members]
+        (points,) = left.plot(
+            cka,
+            [float(r[procrustes_name]) for r in members],
+            "o",
+            alpha=0.75,
+            label=f"{label} ({len(members)})",
+        )
+        right.plot(
+            cka, [float(r.get(metric, math.nan)) for r in members], "o", alpha=0.75, color=points.get_color()
+        )
+    left.set_xlabel("CKA with the teacher (higher: closer)")
+    left.set_ylabel("Procrustes distance to the teacher (lower: closer)")
+    left.set_title("two measures of the same students")
+    right.set_xlabel("CKA with the teacher")
+    right.set_ylabel(metric)
+    right.set_title(f"{metric} against CKA")
+    fig.legend(loc="outside lower center", ncol=2, fontsize=7)
+    path = out_dir / "geometry.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
