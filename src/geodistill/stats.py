@@ -45,8 +45,6 @@ TEACHER_MEASURES = {
     "teacher_procrustes_angular": "lower",
     "teacher_gram": "lower",
 }
-
-
 GEOMETRY_NAME = "geometry.jsonl"  # what `geodistill geometry` writes, one row per measured student
 
 
@@ -56,6 +54,8 @@ def lower_is_better(metric: str) -> bool:
 
 
 __all__ = [
+    "GEOMETRY_NAME",
+    "TEACHER_MEASURES",
     "Analysis",
     "Comparison",
     "Group",
@@ -64,11 +64,13 @@ __all__ = [
     "analyse",
     "bootstrap_mean_ci",
     "holm",
+    "lower_is_better",
     "merge_results",
     "minimum_detectable_effect",
     "paired_power",
     "report",
     "seeds_for_power",
+    "write_geometry_summary",
     "write_report",
 ]
 
