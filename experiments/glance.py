@@ -137,6 +137,12 @@ ALPHA1_TABLE = [
         "last layer, every token, weight ramped over 150 steps",
         {"kd+proj_mse": Cell("tokens_mse_warmup", "kd+proj_mse-ramp150", {"alpha": 1.0})},
     ),
+    Line(
+        RT,
+        "narrow",
+        "last layer, every token, term off for the first 150 steps",
+        {"kd+proj_mse": Cell("tokens_mse_delay", "kd+proj_mse-delay150", {"alpha": 1.0})},
+    ),
     Line(RT, "subset-3", "uniform map, every token", {m: Cell("subset_layers", f"{m}-a1") for m in TERMS3}),
 ]
 

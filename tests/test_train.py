@@ -663,6 +663,7 @@ def test_every_shipped_config_loads() -> None:
         ("tokens_mse", 390, 390),
         ("tokens_mse_low", 120, 120),
         ("tokens_mse_warmup", 90, 90),
+        ("tokens_mse_delay", 120, 120),
         ("cls_alpha", 52, 52),
         ("subset", 210, 210),
         ("subset_tokens", 120, 120),
