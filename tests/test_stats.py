@@ -286,7 +286,9 @@ def test_distances_to_the_teacher_are_better_lower_and_never_percent(tmp_path: P
     }
     paths = write_geometry_summary(rows, tmp_path, split="test")
     md = paths[0].read_text()
-    assert "| kd (task=rte) | 20 |" in md and "r(CKA, metric)" in md and "test.accuracy" in md
+    assert (
+        "| kd | 20 |" in md and "kd+procrustes (alpha=1)" in md
+    )  # one task: not in the labels and "r(CKA, metric)" in md and "test.accuracy" in md
     assert "+1.00 |" in md  # CKA is an exact linear function of accuracy here
     assert paths[1].name == "geometry.png" and paths[1].stat().st_size > 1000
 

@@ -664,6 +664,7 @@ def test_every_shipped_config_loads() -> None:
         ("tokens_mse_low", 120, 120),
         ("tokens_mse_warmup", 90, 90),
         ("tokens_mse_delay", 120, 120),
+        ("student_geometry", 40, 40),
         ("cls_alpha", 52, 52),
         ("subset", 210, 210),
         ("subset_tokens", 120, 120),
@@ -694,6 +695,21 @@ def test_shipped_results_keep_their_identity(name: str, runs: int, finished: int
     rows = read_rows(root / "experiments" / name / "results.jsonl")
     assert all(r["status"] == "ok" for r in rows) and len({r["run_id"] for r in rows}) == len(rows)
     assert len(plan) == runs and {r["config_hash"] for r in rows} <= plan and len(rows) == finished
+
+
+def test_student_geometry_reruns_reproduce_their_committed_rows() -> None:
+    """experiments/student_geometry re-trained 40 committed runs of tokens_alpha_high (same config
+    hashes) on another machine and day, for their checkpoints: every test accuracy is the committed
+    one to the last digit; dev differs by at most one sentence (two KD runs)."""
+    from geodistill.experiments import read_rows
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    old = {r["config_hash"]: r for r in read_rows(root / "tokens_alpha_high" / "results.jsonl")}
+    new = read_rows(root / "student_geometry" / "results.jsonl")
+    assert len(new) == 40 and all(r["config_hash"] in old for r in new)
+    assert all(r["test.accuracy"] == old[r["config_hash"]]["test.accuracy"] for r in new)
+    dev = [abs(r["dev.accuracy"] - old[r["config_hash"]]["dev.accuracy"]) for r in new]
+    assert max(dev) < 1 / 1200 and sum(d > 0 for d in dev) == 2
 
 
 def test_git_revision_says_when_the_package_is_uncommitted(tmp_path, monkeypatch) -> None:

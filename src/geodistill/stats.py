@@ -1360,7 +1360,12 @@ def write_geometry_summary(
         raise StatsError("no measured students to summarise")
     metric = _resolve_metric(rows, metric)
     cols = _columns(rows)
-    keys = cols["setting"] + cols["treatment"]
+    # a column with one value in every row (the task of a one-task study) says nothing in a label
+    keys = [
+        c
+        for c in cols["setting"] + cols["treatment"]
+        if c == "method" or len({_cell(r.get(c)) for r in rows}) > 1
+    ]
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(_label({k: r.get(k) for k in keys}) or "all runs", []).append(r)
