@@ -150,6 +150,12 @@ ALPHA1_TABLE = [
 CE_TERMS = ["ce+kd+procrustes", "ce+kd+gram", "ce+kd+cka", "ce+kd+proj_mse", "ce+kd+pkd"]
 CE_TABLE = [
     Line(RT, "narrow", "last layer, CLS", {m: Cell("ce", m, baseline="ce+kd") for m in CE_TERMS}),
+    Line(
+        RT,
+        "narrow",
+        "last layer, every token",
+        {"ce+kd+procrustes": Cell("ce_tokens", "ce+kd+procrustes", baseline="ce+kd")},
+    ),
     Line(R8, "subset-3", "last layer, CLS", {m: Cell("subset_r8", m, baseline="ce+kd") for m in CE_TERMS}),
 ]
 
