@@ -126,7 +126,7 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
 
 def _cmd_geometry(args: argparse.Namespace) -> int:
     from geodistill.evaluate_model import student_geometry
-    from geodistill.stats import parse_where, write_geometry_summary
+    from geodistill.stats import GEOMETRY_NAME, parse_where, write_geometry_summary
 
     out = Path(args.out) if args.out else Path(args.results[0]).parent / "geometry"
     rows, notes = student_geometry(
@@ -146,7 +146,7 @@ def _cmd_geometry(args: argparse.Namespace) -> int:
         print("geodistill geometry: no student measured", file=sys.stderr)
         return 1
     paths = write_geometry_summary(rows, out, split=args.split, metric=args.metric)
-    print(f"{len(rows)} students measured; wrote {out / 'geometry.jsonl'}, " + ", ".join(map(str, paths)))
+    print(f"{len(rows)} students measured; wrote {out / GEOMETRY_NAME}, " + ", ".join(map(str, paths)))
     return 0
 
 

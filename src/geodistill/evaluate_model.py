@@ -87,17 +87,6 @@ def similarity_report(
     return write_similarity(rows, out_dir, label_a=Path(model_a).name, label_b=Path(model_b).name)
 
 
-def _teacher_of(cfg: DistillConfig) -> str | None:
-    """The teacher a finished run distilled from: its fine-tuned copy in the cache (None when this
-    machine has not fitted it) or the named model."""
-    if not cfg.teacher.finetune:
-        return cfg.teacher.name
-    from geodistill.finetune import finetune_config
-
-    best = Path(finetune_config(cfg).output_dir) / "best"
-    return str(best) if (best / "config.json").exists() else None
-
-
 def _layer(states: list[torch.Tensor], index: int, name: str, model: str) -> torch.Tensor:
     if not -len(states) <= index < len(states):
         raise ValueError(
@@ -134,6 +123,7 @@ def student_geometry(
     from geodistill import models
     from geodistill.config import from_dict, to_dict
     from geodistill.experiments import append_row, read_rows
+    from geodistill.finetune import fitted_teacher
     from geodistill.similarity import hidden_states, measure_pair
     from geodistill.stats import GEOMETRY_NAME, merge_results, select_rows
     from geodistill.train import quiet_libraries
@@ -180,13 +170,15 @@ def student_geometry(
         if cfg.task != "classification":
             notes.append(f"{row.get('run_id')}: task {cfg.task!r}; only classification students are measured")
             continue
-        teacher_name = _teacher_of(cfg)
-        if teacher_name is None:
+        # the teacher it distilled from: the named model, or its fine-tuned copy in this cache
+        fitted = fitted_teacher(cfg) if cfg.teacher.finetune else cfg.teacher.name
+        if fitted is None:
             notes.append(
                 f"{row.get('run_id')}: its fine-tuned teacher is not on this machine "
                 "(geodistill finetune with the run's config fits it)"
             )
             continue
+        teacher_name = str(fitted)
         tok_s, tok_t = models.load_tokenizer(str(student_dir)), models.load_tokenizer(teacher_name)
         task = _classification_task(cfg, tok_s, tok_t, max_examples=max_examples)
         if pooling == "tokens" and task.separate_teacher_inputs:

@@ -16,7 +16,7 @@ from typing import Any
 
 from geodistill.config import DistillConfig, LossConfig, StudentConfig, identity_hash
 
-__all__ = ["finetune_config", "finetuned_teacher"]
+__all__ = ["finetune_config", "finetuned_teacher", "fitted_teacher"]
 
 
 def finetune_config(cfg: DistillConfig, output_dir: str | Path | None = None) -> DistillConfig:
@@ -63,15 +63,25 @@ def _locked(path: Path) -> Any:
         yield
 
 
+def _finished(out: Path) -> bool:
+    return (out / "results.json").exists()
+
+
+def fitted_teacher(cfg: DistillConfig) -> Path | None:
+    """Directory of the fine-tuned teacher for ``cfg`` when this machine's cache holds it, else
+    None (fits nothing)."""
+    out = Path(finetune_config(cfg).output_dir)
+    return out / "best" if _finished(out) else None
+
+
 def finetuned_teacher(cfg: DistillConfig, *, progress: bool = True) -> Path:
     """Directory of the fine-tuned teacher for ``cfg`` (trained now if not cached)."""
     from geodistill.train import setup, train
 
     ft = finetune_config(cfg)
     out = Path(ft.output_dir)
-    done = out / "results.json"
     with _locked(out.with_suffix(".lock")):
-        if not done.exists():
+        if not _finished(out):
             if progress:
                 print(f"fine-tuning teacher {cfg.teacher.name} on {cfg.data.name} (cached in {out})")
             train(setup(ft, kind="finetune", progress=progress), progress=progress)

@@ -48,9 +48,14 @@ TEACHER_MEASURES = {
 GEOMETRY_NAME = "geometry.jsonl"  # what `geodistill geometry` writes, one row per measured student
 
 
+def _teacher_measure(metric: str) -> str | None:
+    """``"higher"`` / ``"lower"`` (which is better) for a measure against the teacher, else None."""
+    return TEACHER_MEASURES.get(metric.rpartition(".")[2])
+
+
 def lower_is_better(metric: str) -> bool:
     """Whether a smaller value of ``metric`` is the better one (a distance to the teacher)."""
-    return TEACHER_MEASURES.get(metric.rpartition(".")[2]) == "lower"
+    return _teacher_measure(metric) == "lower"
 
 
 __all__ = [
@@ -471,7 +476,7 @@ def analyse(
     missing = 0
     found = [float(r[metric]) for r in ok if r.get(metric) is not None and math.isfinite(float(r[metric]))]
     # fractions -> percent; anything else (and a measure against the teacher) as it is
-    percent = metric.rpartition(".")[2] not in TEACHER_MEASURES and all(0.0 <= v <= 1.0 for v in found)
+    percent = _teacher_measure(metric) is None and all(0.0 <= v <= 1.0 for v in found)
     lower = lower_is_better(metric)
     scale, unit = (100.0, "points") if percent else (1.0, "units")
     for row in ok:
@@ -1110,7 +1115,7 @@ def write_report(
             else "in its own units ("
             + (
                 "a measure against the teacher, from `geodistill geometry`"
-                if a.metric.rpartition(".")[2] in TEACHER_MEASURES
+                if _teacher_measure(a.metric)
                 else "its values are not all in [0, 1], so not a fraction"
             )
             + ")"
