@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -178,14 +179,26 @@ def test_a_directory_does_not_shadow_a_shipped_config(tmp_path, monkeypatch) -> 
     assert resolve_config_path("experiments/alpha") == CONFIG_DIR / "experiments/alpha.yaml"
 
 
+def _last_layer_tokens(assets, model_dir: Path):
+    """Every valid token's last hidden state of a saved model over the tiny test split (float64),
+    from transformers' own forward: the independent side of the geometry tests."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = [line.split(",")[0] for line in (assets["data"] / "test.csv").read_text().splitlines()[1:]]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    enc = tok(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        h = AutoModel.from_pretrained(model_dir)(**enc, output_hidden_states=True).hidden_states[-1]
+    return h[enc["attention_mask"].bool()].double()
+
+
 def test_geometry_measures_each_swept_student_against_its_teacher(assets, tmp_path, capsys) -> None:
     """`geodistill geometry` over a finished sweep: each student's last hidden state against the
     teacher's, equal to an independent NumPy computation from the saved models; resumes without
     repeating a run, refuses other settings in the same folder, names runs it cannot measure,
     and its rows feed `geodistill report` (a distance: lower is better, in its own units)."""
     import numpy as np
-    import torch
-    from transformers import AutoModel, AutoTokenizer
 
     from geodistill.experiments import read_rows
     from test_geometry import ref_all
@@ -237,18 +250,9 @@ def test_geometry_measures_each_swept_student_against_its_teacher(assets, tmp_pa
     assert (out / "geometry.png").stat().st_size > 1000
 
     # independent: transformers' own forward of the saved models over the test split's tokens
-    texts = [line.split(",")[0] for line in (assets["data"] / "test.csv").read_text().splitlines()[1:]]
-
-    def tokens(model_dir: Path) -> torch.Tensor:
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        enc = tok(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
-        with torch.no_grad():
-            h = AutoModel.from_pretrained(model_dir)(**enc, output_hidden_states=True).hidden_states[-1]
-        return h[enc["attention_mask"].bool()].double()
-
-    teacher = tokens(assets["teacher"])
+    teacher = _last_layer_tokens(assets, assets["teacher"])
     for row in measured:
-        ref = ref_all(tokens(Path(row["output_dir"]) / "best"), teacher)
+        ref = ref_all(_last_layer_tokens(assets, Path(row["output_dir"]) / "best"), teacher)
         assert row["geometry"]["samples"] == teacher.shape[0]
         assert row["test.teacher_cka"] == pytest.approx(ref["cka"], abs=1e-9)
         assert row["test.teacher_procrustes"] == pytest.approx(ref["procrustes"], abs=1e-9)
@@ -273,3 +277,87 @@ def test_geometry_measures_each_swept_student_against_its_teacher(assets, tmp_pa
     assert main(["report", str(out / "geometry.jsonl"), "--metric", "test.teacher_procrustes"]) == 0
     report = (out / "report" / "report.md").read_text()
     assert "lower is better" in report and "measure against the teacher" in report
+
+
+def test_a_sweep_with_geometry_measures_each_student_as_its_run_ends(assets, tmp_path, capsys) -> None:
+    """`geometry:` in a sweep file: each finished row carries the student's measures against its
+    teacher (equal to an independent NumPy computation from the saved models), `geodistill
+    geometry` takes such rows as they are (no checkpoint needed), and a measurement that fails
+    leaves the run finished, its row saying why."""
+    from geodistill.experiments import read_rows
+    from test_geometry import ref_all
+
+    base = to_dict(make_cfg(assets, tmp_path / "unused", "train.max_steps=2"))
+    base.pop("output_dir")
+    sweep = {
+        "name": "geo",
+        "base": base,
+        "methods": {
+            "kd+cka": {"losses": [{"name": "kd"}, {"name": "cka", "weight": 1.0, "pooling": "tokens"}]}
+        },
+        "grid": {"seed": [0, 1]},
+        "output_dir": str(tmp_path / "sweep"),
+        "geometry": {"max_examples": 12},
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--quiet"]) == 0
+    rows = read_rows(tmp_path / "sweep" / "results.jsonl")
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    teacher = _last_layer_tokens(assets, assets["teacher"])
+    for row in rows:
+        assert row["geometry"]["max_examples"] == 12 and row["geometry"]["pooling"] == "tokens"
+        assert row["geometry"]["samples"] == teacher.shape[0]
+        ref = ref_all(_last_layer_tokens(assets, Path(row["output_dir"]) / "best"), teacher)
+        assert row["test.teacher_cka"] == pytest.approx(ref["cka"], abs=1e-9)
+        assert row["test.teacher_procrustes"] == pytest.approx(ref["procrustes"], abs=1e-9)
+        assert row["test.teacher_procrustes_angular"] == pytest.approx(ref["angular"], abs=1e-9)
+        assert row["test.teacher_gram"] == pytest.approx(ref["gram"], abs=1e-9)
+    assert rows[0]["test.teacher_gram"] != rows[1]["test.teacher_gram"]
+
+    # `geodistill geometry` with the same settings takes the rows as they are: no checkpoint needed
+    for row in rows:
+        for f in (Path(row["output_dir"]) / "best").iterdir():
+            f.unlink()
+    out = tmp_path / "geo"
+    assert (
+        main(
+            [
+                "geometry",
+                str(tmp_path / "sweep" / "results.jsonl"),
+                "--out",
+                str(out),
+                "--max-examples",
+                "12",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    measured = read_rows(out / "geometry.jsonl")
+    assert [r["test.teacher_procrustes"] for r in measured] == [r["test.teacher_procrustes"] for r in rows]
+    # other settings need the checkpoints, which are gone: named, nothing measured
+    assert (
+        main(
+            [
+                "geometry",
+                str(tmp_path / "sweep" / "results.jsonl"),
+                "--out",
+                str(tmp_path / "g6"),
+                "--max-examples",
+                "6",
+                "--quiet",
+            ]
+        )
+        == 1
+    )
+    assert "no trained student at" in capsys.readouterr().err
+
+    # a measurement that fails does not fail the run: its row is finished and says why
+    sweep.update(output_dir=str(tmp_path / "sweep9"), geometry={"student_layer": 9, "max_examples": 12})
+    sweep["grid"] = {"seed": [0]}
+    (tmp_path / "sweep9.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    assert main(["sweep", str(tmp_path / "sweep9.yaml"), "--quiet"]) == 0
+    assert "student not measured against its teacher" in capsys.readouterr().out
+    (row,) = read_rows(tmp_path / "sweep9" / "results.jsonl")
+    assert row["status"] == "ok" and "test.teacher_cka" not in row and "geometry" not in row
+    assert "student_layer 9" in row["geometry_note"] and math.isfinite(row["test.accuracy"])

@@ -259,6 +259,12 @@ NO_ALPHA = {"grid": {"seed": [0]}, "quick": {}}  # for method sets without ${alp
         ({**NO_ALPHA, "methods": {}}, "name at least one method"),
         ({**NO_ALPHA, "methods": {"kd": []}}, "methods.kd: expected a mapping"),
         ({"grid": {"status": [1]}, "methods": {"kd": {"train": {"lr": "${status}"}}}}, "grid.status"),
+        ({"geometry": "yes"}, "geometry: expected true or a mapping"),
+        ({"geometry": {"poolng": "tokens"}}, "geometry.poolng: unknown setting"),
+        ({"geometry": {"pooling": "avg"}}, "geometry.pooling: expected one of cls, mean, tokens, last"),
+        ({"geometry": {"split": "val"}}, "geometry.split: expected train, dev or test"),
+        ({"geometry": {"max_examples": 0}}, "geometry.max_examples: expected at least 1"),
+        ({"geometry": {"teacher_layer": "last"}}, "geometry.teacher_layer: expected an integer"),
     ],
 )
 def test_strict_errors_name_the_key(tmp_path: Path, change: dict[str, Any], message: str) -> None:

@@ -263,7 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
     p.add_argument("--pooling", default="cls", choices=["cls", "mean", "tokens", "last"])
-    p.add_argument("--max-examples", type=int, default=512, help="examples used (first N of the split)")
+    p.add_argument(
+        "--max-examples",
+        type=int,
+        default=512,
+        help="examples used (a seeded stratified sample of N of the split, the same for every model)",
+    )
     p.add_argument("--out", default="outputs/similarity", help="output directory for the CSV and heatmaps")
     p.set_defaults(func=_cmd_similarity)
 
@@ -282,7 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--pooling", default="tokens", choices=["cls", "mean", "tokens", "last"])
-    p.add_argument("--max-examples", type=int, default=256, help="examples used (first N of the split)")
+    p.add_argument(
+        "--max-examples",
+        type=int,
+        default=256,
+        help="examples used (a seeded stratified sample of N of the split, the same for every model)",
+    )
     p.add_argument(
         "--student-layer", type=int, default=-1, help="student hidden-state index (0 = embeddings, -1 = last)"
     )

@@ -13,7 +13,14 @@ import torch
 
 from geodistill.config import DistillConfig
 
-__all__ = ["evaluate_saved", "similarity_report", "student_geometry"]
+__all__ = [
+    "GEOMETRY_SETTINGS",
+    "NotMeasured",
+    "evaluate_saved",
+    "measure_student",
+    "similarity_report",
+    "student_geometry",
+]
 
 
 def _classification_task(
@@ -95,54 +102,123 @@ def _layer(states: list[torch.Tensor], index: int, name: str, model: str) -> tor
     return states[index]
 
 
+#: the settings of a measurement against the teacher and their defaults (``geodistill geometry``,
+#: a sweep's ``geometry:``)
+GEOMETRY_SETTINGS: dict[str, Any] = {
+    "split": "test",
+    "pooling": "tokens",
+    "max_examples": 256,
+    "student_layer": -1,
+    "teacher_layer": -1,
+}
+
+
+class NotMeasured(Exception):
+    """A run whose student cannot be measured against its teacher here; the message says why."""
+
+
+def measure_student(
+    run_dir: str | Path,
+    settings: dict[str, Any] | None = None,
+    *,
+    teacher_states: dict[tuple[str, str], torch.Tensor] | None = None,
+    device: torch.device | None = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """A finished run's trained student (``<run_dir>/best``) against the teacher it learnt from:
+    ``({measure: value}, the measurement's settings + samples + teacher)`` for every measure of
+    :data:`geodistill.similarity.MEASURES` between the student's hidden state ``student_layer``
+    and the teacher's ``teacher_layer`` (0 = embeddings, -1 = last), pooled by ``pooling``, on a
+    seeded stratified sample of ``max_examples`` of ``split`` (``data.max_eval``'s sampling: the
+    same examples for every run of a data config). ``settings`` are :data:`GEOMETRY_SETTINGS`'
+    keys, defaults for those left out. ``teacher_states`` caches the teacher's states across calls.
+    Raises :class:`NotMeasured` for a run this machine cannot measure (no checkpoint here, its
+    fine-tuned teacher not here, not a classifier, tokens of two tokenizers)."""
+    from geodistill import models
+    from geodistill.config import from_dict, to_dict
+    from geodistill.finetune import fitted_teacher
+    from geodistill.similarity import hidden_states, measure_pair
+    from geodistill.train import quiet_libraries
+
+    quiet_libraries()  # no per-call bars of weight loading and dataset maps
+    s = {**GEOMETRY_SETTINGS, **(settings or {})}
+    run_dir = Path(run_dir)
+    student_dir = run_dir / "best"
+    if not (student_dir / "config.json").exists() or not (run_dir / "run.json").exists():
+        raise NotMeasured(f"no trained student at {student_dir} on this machine")
+    cfg = from_dict(DistillConfig, json.loads((run_dir / "run.json").read_text())["config"])
+    if cfg.task != "classification":
+        raise NotMeasured(f"task {cfg.task!r}; only classification students are measured")
+    # the teacher it distilled from: the named model, or its fine-tuned copy in this cache
+    fitted = fitted_teacher(cfg) if cfg.teacher.finetune else cfg.teacher.name
+    if fitted is None:
+        raise NotMeasured(
+            "its fine-tuned teacher is not on this machine (geodistill finetune with the run's config fits it)"
+        )
+    teacher_name = str(fitted)
+    tok_s, tok_t = models.load_tokenizer(str(student_dir)), models.load_tokenizer(teacher_name)
+    task = _classification_task(cfg, tok_s, tok_t, max_examples=s["max_examples"])
+    if s["pooling"] == "tokens" and task.separate_teacher_inputs:
+        raise NotMeasured("pooling 'tokens' needs the student to share the teacher's tokenizer")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch = cfg.train.eval_batch_size
+    split, pooling = s["split"], s["pooling"]
+    teacher_states = {} if teacher_states is None else teacher_states
+    key = (
+        teacher_name,
+        json.dumps([to_dict(cfg.data), s["max_examples"], split, pooling, s["teacher_layer"]], default=str),
+    )
+    if key not in teacher_states:
+        teacher = models.load_classifier(teacher_name, num_labels=task.num_labels).to(device)
+        states = hidden_states(teacher, task, split, pooling, batch, teacher=True)
+        teacher_states[key] = _layer(states, s["teacher_layer"], "teacher_layer", teacher_name)
+        del teacher
+    student = models.load_classifier(str(student_dir), num_labels=task.num_labels).to(device)
+    states = hidden_states(student, task, split, pooling, batch, teacher=False)
+    x = _layer(states, s["student_layer"], "student_layer", str(student_dir))
+    y = teacher_states[key]
+    if x.shape[0] != y.shape[0]:
+        raise RuntimeError(f"{run_dir}: {x.shape[0]} student samples but {y.shape[0]} teacher samples")
+    return measure_pair(x, y), {**s, "samples": x.shape[0], "teacher": teacher_name}
+
+
 def student_geometry(
     results: Sequence[str | Path],
     out_dir: str | Path,
     *,
     where: dict[str, list[str]] | None = None,
-    split: str = "test",
-    pooling: str = "tokens",
-    max_examples: int = 256,
-    student_layer: int = -1,
-    teacher_layer: int = -1,
     progress: bool = True,
+    **settings: Any,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Each finished run's trained student (``<run>/best``) against the teacher it learnt from:
-    CKA, Procrustes (and its angle) and the Gram distance between the student's hidden state
-    ``student_layer`` and the teacher's ``teacher_layer`` (0 = embeddings, -1 = last) on the first
-    ``max_examples`` of ``split``, pooled by ``pooling``.
+    """Each finished run of some sweeps' results against the teacher it learnt from
+    (:func:`measure_student` with ``settings``: ``split``, ``pooling``, ``max_examples``,
+    ``student_layer``, ``teacher_layer``).
 
     Each measured run is appended to ``out_dir/geometry.jsonl`` at once: its results row plus
     ``<split>.teacher_cka``, ``<split>.teacher_procrustes``, ``<split>.teacher_procrustes_angular``,
     ``<split>.teacher_gram`` and the measurement's settings (``geometry``), so ``geodistill report``
     compares methods on them, paired by seed as on accuracy; an interrupted call resumes, skipping
-    the runs already there. The teacher's states are computed once per teacher and data split.
-    Returns every measured row (earlier calls' too) and notes on the runs that could not be
-    measured here (no checkpoint on this machine, teacher not fitted here, not a classifier).
+    the runs already there. A row that already holds a measurement with these settings (a sweep
+    with ``geometry:`` measured it when it finished) is taken as it is, with no checkpoint needed.
+    The teacher's states are computed once per teacher and data split. Returns every measured row
+    (earlier calls' too) and notes on the runs that could not be measured here (no checkpoint on
+    this machine, teacher not fitted here, not a classifier).
     """
-    from geodistill import models
-    from geodistill.config import from_dict, to_dict
     from geodistill.experiments import append_row, read_rows
-    from geodistill.finetune import fitted_teacher
-    from geodistill.similarity import hidden_states, measure_pair
     from geodistill.stats import GEOMETRY_NAME, merge_results, select_rows
-    from geodistill.train import quiet_libraries
 
+    unknown = set(settings) - set(GEOMETRY_SETTINGS)
+    if unknown:
+        raise TypeError(f"student_geometry: unknown settings {sorted(unknown)}")
+    settings = {**GEOMETRY_SETTINGS, **settings}
+    split = settings["split"]
     rows, _, _ = merge_results(results)
     rows = [r for r in rows if r.get("status", "ok") == "ok"]
     if where:
         rows = select_rows(rows, where)
     out = Path(out_dir) / GEOMETRY_NAME
-    settings = {
-        "split": split,
-        "pooling": pooling,
-        "max_examples": max_examples,
-        "student_layer": student_layer,
-        "teacher_layer": teacher_layer,
-    }
     measured = read_rows(out)
     for r in measured:
-        if {k: r.get("geometry", {}).get(k) for k in settings} != settings:
+        if _settings_of(r) != settings:
             raise ValueError(
                 f"{out} holds measurements with other settings ({r.get('geometry')}, asked {settings}); "
                 "choose another --out"
@@ -152,7 +228,6 @@ def student_geometry(
     notes: list[str] = []
     if not todo:
         return measured, notes
-    quiet_libraries()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher_states: dict[tuple[str, str], torch.Tensor] = {}
     bar = todo
@@ -161,48 +236,22 @@ def student_geometry(
 
         bar = tqdm(todo, desc="student geometry", unit="run", dynamic_ncols=True)
     for row in bar:
-        run_dir = Path(str(row.get("output_dir")))
-        student_dir = run_dir / "best"
-        if not (student_dir / "config.json").exists() or not (run_dir / "run.json").exists():
-            notes.append(f"{row.get('run_id')}: no trained student at {student_dir} on this machine")
-            continue
-        cfg = from_dict(DistillConfig, json.loads((run_dir / "run.json").read_text())["config"])
-        if cfg.task != "classification":
-            notes.append(f"{row.get('run_id')}: task {cfg.task!r}; only classification students are measured")
-            continue
-        # the teacher it distilled from: the named model, or its fine-tuned copy in this cache
-        fitted = fitted_teacher(cfg) if cfg.teacher.finetune else cfg.teacher.name
-        if fitted is None:
-            notes.append(
-                f"{row.get('run_id')}: its fine-tuned teacher is not on this machine "
-                "(geodistill finetune with the run's config fits it)"
-            )
-            continue
-        teacher_name = str(fitted)
-        tok_s, tok_t = models.load_tokenizer(str(student_dir)), models.load_tokenizer(teacher_name)
-        task = _classification_task(cfg, tok_s, tok_t, max_examples=max_examples)
-        if pooling == "tokens" and task.separate_teacher_inputs:
-            notes.append(
-                f"{row.get('run_id')}: pooling 'tokens' needs the student to share the teacher's tokenizer"
-            )
-            continue
-        batch = cfg.train.eval_batch_size
-        key = (teacher_name, json.dumps(to_dict(cfg.data), sort_keys=True, default=str))
-        if key not in teacher_states:
-            teacher = models.load_classifier(teacher_name, num_labels=task.num_labels).to(device)
-            states = hidden_states(teacher, task, split, pooling, batch, teacher=True)
-            teacher_states[key] = _layer(states, teacher_layer, "teacher_layer", teacher_name)
-            del teacher
-        student = models.load_classifier(str(student_dir), num_labels=task.num_labels).to(device)
-        states = hidden_states(student, task, split, pooling, batch, teacher=False)
-        x = _layer(states, student_layer, "student_layer", str(student_dir))
-        y = teacher_states[key]
-        if x.shape[0] != y.shape[0]:
-            raise RuntimeError(
-                f"{row.get('run_id')}: {x.shape[0]} student samples but {y.shape[0]} teacher samples"
-            )
-        values = {f"{split}.teacher_{m}": v for m, v in measure_pair(x, y).items()}
-        new = {**row, **values, "geometry": {**settings, "samples": x.shape[0], "teacher": teacher_name}}
+        if _settings_of(row) == settings and f"{split}.teacher_procrustes" in row:
+            new = row  # measured by its sweep when the run finished
+        else:
+            try:
+                values, meta = measure_student(
+                    str(row.get("output_dir")), settings, teacher_states=teacher_states, device=device
+                )
+            except NotMeasured as e:
+                notes.append(f"{row.get('run_id')}: {e}")
+                continue
+            new = {**row, **{f"{split}.teacher_{m}": v for m, v in values.items()}, "geometry": meta}
         append_row(out, new)
         measured.append(new)
     return measured, notes
+
+
+def _settings_of(row: dict[str, Any]) -> dict[str, Any]:
+    """The settings of the measurement a row holds (None for each when it holds none)."""
+    return {k: (row.get("geometry") or {}).get(k) for k in GEOMETRY_SETTINGS}

@@ -29,6 +29,9 @@ The schema (strict: an unknown key is an error that names it)::
       set: {train.max_steps: 5, data.max_train: 64}   # dotted overrides, applied last
       grid: {seed: [0]}             # replacement values for some axes
     output_dir: runs/sweeps/main    # default runs/sweeps/<name>; --quick writes to <output_dir>-quick
+    geometry: true                  # optional: measure each student against its teacher as its run
+                                    #   ends (true: `geodistill geometry`'s defaults; or a mapping of
+                                    #   split, pooling, max_examples, student_layer, teacher_layer)
 
 Columns of a row: ``method``, one column per placeholder (``alpha``, ``layers``; empty where the
 method does not use it), one per dotted axis (named by its last key: ``split_seed``, ``student``;
@@ -36,13 +39,17 @@ method does not use it), one per dotted axis (named by its last key: ``split_see
 ``method`` are the *treatment*; dotted axes other than the seeds are the *setting*; ``seed`` and
 ``split_seed`` are the *replicates* over which methods are paired (the trainer fixes initialisation,
 data order and dropout by ``train.seed`` identically for every method). The row records this split
-under ``axes`` for :mod:`geodistill.stats`.
+under ``axes`` for :mod:`geodistill.stats`. With ``geometry:``, a run measured when it finished
+also has ``<split>.teacher_cka``, ``<split>.teacher_procrustes``, ``<split>.teacher_procrustes_angular``,
+``<split>.teacher_gram`` and the measurement's settings (``geometry``), as ``geodistill geometry``
+writes them.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 import multiprocessing
@@ -105,7 +112,7 @@ _ROW_FIELDS = {
     "sweep", "run_id", "config_hash", "status", "method", "task", "seed", "split_seed", "axes",
     "loss_terms", "metric", "steps", "best_step", "wall_seconds", "train_seconds", "seconds_per_step",
     "peak_memory_mb", "student_parameters", "world_size", "version", "git_revision", "torch",
-    "output_dir", "finished_at", "error", "traceback",
+    "output_dir", "finished_at", "error", "traceback", "geometry", "geometry_note",
 }  # fmt: skip
 
 
@@ -145,6 +152,13 @@ class SweepConfig:
     quick: QuickConfig = _help("overrides applied with --quick", default_factory=QuickConfig)
     output_dir: str | None = _help(
         "directory of results.jsonl and the runs (default runs/sweeps/<name>)", default=None
+    )
+    geometry: Any = _help(
+        "measure each classification student against its teacher when its run finishes (CKA, Procrustes, "
+        "its angle, Gram; as `geodistill geometry`): true for the defaults, or a mapping of split, pooling, "
+        "max_examples, student_layer, teacher_layer; rows gain <split>.teacher_cka, ... (rows finished "
+        "before keep none: `geodistill geometry` measures those from their checkpoints)",
+        default=None,
     )
 
 
@@ -223,7 +237,41 @@ def parse_sweep(data: dict[str, Any]) -> SweepConfig:
             )
     for key in sweep.quick.set:
         _check_config_path(key, f"quick.set.{key}")
+    geometry_settings(sweep)
     return sweep
+
+
+_POOLINGS = ("cls", "mean", "tokens", "last")
+
+
+def geometry_settings(sweep: SweepConfig) -> dict[str, Any] | None:
+    """The sweep's ``geometry:`` as the full settings of :func:`~geodistill.evaluate_model.measure_student`
+    (None: no measurement), checked, naming a bad key or value."""
+    from geodistill.evaluate_model import GEOMETRY_SETTINGS
+
+    g = sweep.geometry
+    if g is None or g is False:
+        return None
+    if g is True:
+        return dict(GEOMETRY_SETTINGS)
+    if not isinstance(g, dict):
+        raise ConfigError(
+            f"geometry: expected true or a mapping of {', '.join(GEOMETRY_SETTINGS)}, got {g!r}"
+        )
+    for key, value in g.items():
+        if key not in GEOMETRY_SETTINGS:
+            raise ConfigError(f"geometry.{key}: unknown setting (settings: {', '.join(GEOMETRY_SETTINGS)})")
+        if key == "split" and value not in ("train", "dev", "test"):
+            raise ConfigError(f"geometry.split: expected train, dev or test, got {value!r}")
+        if key == "pooling" and value not in _POOLINGS:
+            raise ConfigError(f"geometry.pooling: expected one of {', '.join(_POOLINGS)}, got {value!r}")
+        if key in ("max_examples", "student_layer", "teacher_layer") and (
+            isinstance(value, bool) or not isinstance(value, int)
+        ):
+            raise ConfigError(f"geometry.{key}: expected an integer, got {value!r}")
+        if key == "max_examples" and value < 1:
+            raise ConfigError(f"geometry.max_examples: expected at least 1, got {value}")
+    return {**GEOMETRY_SETTINGS, **g}
 
 
 def _check_mapping(value: Any, where: str) -> None:
@@ -587,6 +635,10 @@ def _row(
         output_dir=run.config.output_dir,
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
+    if res.get("geometry"):
+        row["geometry"] = res["geometry"]
+    if res.get("geometry_note"):
+        row["geometry_note"] = res["geometry_note"]
     if error is not None:
         row["error"] = error
         row["traceback"] = trace
@@ -602,6 +654,26 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     from geodistill.train import distill
 
     return distill(cfg, progress=False)
+
+
+def _measured(runner: Runner, settings: dict[str, Any], cfg: DistillConfig) -> dict[str, Any]:
+    """``runner(cfg)``, then its student measured against its teacher
+    (:func:`~geodistill.evaluate_model.measure_student`): the measures join the results of
+    ``settings["split"]`` as ``teacher_<measure>`` and the settings go under ``geometry``. A run that
+    cannot be measured keeps its results, with ``geometry_note`` saying why (training is not lost to a
+    measurement). Only the main process measures under a launcher."""
+    from geodistill.evaluate_model import measure_student
+
+    results = runner(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return results
+    try:
+        values, meta = measure_student(cfg.output_dir, settings)
+    except Exception as e:  # any failure of the measurement is a note, not a failed run
+        return {**results, "geometry_note": f"{type(e).__name__}: {e}"}
+    split = settings["split"]
+    measures = {f"teacher_{m}": v for m, v in values.items()}
+    return {**results, split: {**(results.get(split) or {}), **measures}, "geometry": meta}
 
 
 def _limit_threads(threads: int | None) -> None:
@@ -718,6 +790,7 @@ def run_sweeps(
     elif in_process is None:
         in_process = runner is not None and jobs == 1
     runner = runner or run_distill
+    measuring = [geometry_settings(sweep) for sweep in sweeps]
     main_process = not launched or int(os.environ.get("RANK", "0")) == 0
     if not main_process:
         log = _quiet
@@ -735,6 +808,13 @@ def run_sweeps(
     if launched:
         done, waiting = _broadcast_from_rank0((done, waiting), plans[0][0].config if plans[0] else None)
     todo = [runs[0][1] for runs in waiting.values()]
+
+    def runner_for(run: PlannedRun) -> Runner:
+        """The runner of ``run``: measuring its student after training where the sweep that runs
+        it (the first that plans it) asks for ``geometry:``."""
+        settings = measuring[waiting[run.config_hash][0][0]]
+        return functools.partial(_measured, runner, settings) if settings else runner
+
     summaries = []
     for i, (sweep, plan, path) in enumerate(zip(sweeps, plans, paths, strict=True)):
         planned = {run.config_hash for run in plan}
@@ -796,6 +876,8 @@ def run_sweeps(
             from geodistill.train import RESUME_DIR
 
             shutil.rmtree(Path(run.config.output_dir) / RESUME_DIR, ignore_errors=True)
+            if payload.get("geometry_note"):
+                log(f"run {run.run_id}: student not measured against its teacher: {payload['geometry_note']}")
         for i, planned in waiting[run.config_hash]:
             if status == "ok":
                 append_row(paths[i], _row(planned, sweeps[i].name or "", payload, wall))
@@ -815,7 +897,7 @@ def run_sweeps(
             for run in todo:
                 start = time.perf_counter()
                 try:
-                    results = runner(run.config)
+                    results = runner_for(run)(run.config)
                 except Exception as e:
                     outcome = (
                         "error",
@@ -835,7 +917,7 @@ def run_sweeps(
                         "rerun it to go on from here"
                     )
         else:
-            _run_processes(todo, runner, jobs, record)
+            _run_processes(todo, runner_for, jobs, record)
     finally:
         if bar is not None:
             bar.close()
@@ -919,7 +1001,7 @@ def _broadcast_from_rank0(value: Any, cfg: DistillConfig | None) -> Any:
 
 def _run_processes(
     todo: list[PlannedRun],
-    runner: Runner,
+    runner_for: Callable[[PlannedRun], Runner],
     jobs: int,
     record: Callable[[PlannedRun, tuple[str, Any, float | None, str | None]], None],
 ) -> None:
@@ -950,7 +1032,7 @@ def _run_processes(
                 cfg_threads = None if run.config.train.threads else threads
                 proc = ctx.Process(
                     target=_child,
-                    args=(runner, run.config, cfg_threads, writer, dict(os.environ)),
+                    args=(runner_for(run), run.config, cfg_threads, writer, dict(os.environ)),
                     name=f"geodistill-{run.run_id}",
                 )
                 proc.start()
