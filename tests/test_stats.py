@@ -286,11 +286,16 @@ def test_distances_to_the_teacher_are_better_lower_and_never_percent(tmp_path: P
     }
     paths = write_geometry_summary(rows, tmp_path, split="test")
     md = paths[0].read_text()
-    assert (
-        "| kd | 20 |" in md and "kd+procrustes (alpha=1)" in md
-    )  # one task: not in the labels and "r(CKA, metric)" in md and "test.accuracy" in md
+    assert "| kd | 20 |" in md and "kd+procrustes (alpha=1)" in md  # one task: not in the labels
+    assert "r(CKA, metric)" in md and "test.accuracy" in md and "seeded stratified sample of 256" in md
     assert "+1.00 |" in md  # CKA is an exact linear function of accuracy here
     assert paths[1].name == "geometry.png" and paths[1].stat().st_size > 1000
+    # the same method measured from two sweeps' runs: two groups, named by their sweep
+    for r in rows:
+        r["sweep"] = "a"
+    other = [{**r, "sweep": "b", "test.teacher_gram": 0.9} for r in rows if r["method"] == "kd"]
+    md = write_geometry_summary(rows + other, tmp_path / "two", split="test")[0].read_text()
+    assert "| kd (sweep=a) | 20 |" in md and "| kd (sweep=b) | 20 |" in md and "0.900 [0.900, 0.900]" in md
 
 
 def test_unpaired_runs_are_refused_clearly() -> None:

@@ -1371,6 +1371,12 @@ def write_geometry_summary(
         for c in cols["setting"] + cols["treatment"]
         if c == "method" or len({_cell(r.get(c)) for r in rows}) > 1
     ]
+    # the same treatment from two sweeps (two cells that share a method name) stays two groups
+    sweeps_of: dict[str, set[Any]] = {}
+    for r in rows:
+        sweeps_of.setdefault(_label({k: r.get(k) for k in keys}), set()).add(r.get("sweep"))
+    if any(len(s) > 1 for s in sweeps_of.values()):
+        keys = ["sweep", *keys]
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(_label({k: r.get(k) for k in keys}) or "all runs", []).append(r)
@@ -1401,8 +1407,9 @@ def write_geometry_summary(
         "# Trained students against their teachers",
         "",
         f"Each student's hidden state {settings.get('student_layer')} against its teacher's "
-        f"{settings.get('teacher_layer')} (-1 = last) on the first {settings.get('max_examples')} "
-        f"examples of {split}, pooling {settings.get('pooling')!r}: CKA (a similarity: 1 = the same "
+        f"{settings.get('teacher_layer')} (-1 = last) on a seeded stratified sample of "
+        f"{settings.get('max_examples')} examples of {split} (the same for every student of a data "
+        f"split), pooling {settings.get('pooling')!r}: CKA (a similarity: 1 = the same "
         "geometry up to scale), the Procrustes distance 2 - 2||X^T Y||_*, its angle (radians) and "
         "the Gram distance (0 = the same geometry). Mean [min, max] over the runs; r: Pearson "
         f"correlation of CKA with {metric} over the group's runs. Paired comparisons: "
