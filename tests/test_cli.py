@@ -179,6 +179,26 @@ def test_a_directory_does_not_shadow_a_shipped_config(tmp_path, monkeypatch) -> 
     assert resolve_config_path("experiments/alpha") == CONFIG_DIR / "experiments/alpha.yaml"
 
 
+def _tiny_sweep(
+    assets, tmp_path: Path, name: str, methods: dict, *, steps: int, seeds=(0, 1), **extra
+) -> Path:
+    """A sweep file over the tiny local models: ``methods`` x ``seeds``, ``steps`` steps each,
+    results under ``tmp_path/name``."""
+    base = to_dict(make_cfg(assets, tmp_path / "unused", f"train.max_steps={steps}"))
+    base.pop("output_dir")
+    sweep = {
+        "name": "geo",
+        "base": base,
+        "methods": methods,
+        "grid": {"seed": list(seeds)},
+        "output_dir": str(tmp_path / name),
+        **extra,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
 def _last_layer_tokens(assets, model_dir: Path):
     """Every valid token's last hidden state of a saved model over the tiny test split (float64),
     from transformers' own forward: the independent side of the geometry tests."""
@@ -203,25 +223,17 @@ def test_geometry_measures_each_swept_student_against_its_teacher(assets, tmp_pa
     from geodistill.experiments import read_rows
     from test_geometry import ref_all
 
-    base = to_dict(make_cfg(assets, tmp_path / "unused", "train.max_steps=3"))
-    base.pop("output_dir")
-    sweep = {
-        "name": "geo",
-        "base": base,
-        "methods": {
-            "kd": {"losses": [{"name": "kd", "temperature": 2.0}]},
-            "kd+procrustes": {
-                "losses": [
-                    {"name": "kd", "temperature": 2.0},
-                    {"name": "procrustes", "weight": 1.0, "pooling": "tokens"},
-                ]
-            },
+    methods = {
+        "kd": {"losses": [{"name": "kd", "temperature": 2.0}]},
+        "kd+procrustes": {
+            "losses": [
+                {"name": "kd", "temperature": 2.0},
+                {"name": "procrustes", "weight": 1.0, "pooling": "tokens"},
+            ]
         },
-        "grid": {"seed": [0, 1]},
-        "output_dir": str(tmp_path / "sweep"),
     }
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
-    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--quiet"]) == 0
+    path = _tiny_sweep(assets, tmp_path, "sweep", methods, steps=3)
+    assert main(["sweep", str(path), "--quiet"]) == 0
     results = tmp_path / "sweep" / "results.jsonl"
     rows = read_rows(results)
     assert len(rows) == 4
@@ -287,20 +299,9 @@ def test_a_sweep_with_geometry_measures_each_student_as_its_run_ends(assets, tmp
     from geodistill.experiments import read_rows
     from test_geometry import ref_all
 
-    base = to_dict(make_cfg(assets, tmp_path / "unused", "train.max_steps=2"))
-    base.pop("output_dir")
-    sweep = {
-        "name": "geo",
-        "base": base,
-        "methods": {
-            "kd+cka": {"losses": [{"name": "kd"}, {"name": "cka", "weight": 1.0, "pooling": "tokens"}]}
-        },
-        "grid": {"seed": [0, 1]},
-        "output_dir": str(tmp_path / "sweep"),
-        "geometry": {"max_examples": 12},
-    }
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
-    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--quiet"]) == 0
+    methods = {"kd+cka": {"losses": [{"name": "kd"}, {"name": "cka", "weight": 1.0, "pooling": "tokens"}]}}
+    path = _tiny_sweep(assets, tmp_path, "sweep", methods, steps=2, geometry={"max_examples": 12})
+    assert main(["sweep", str(path), "--quiet"]) == 0
     rows = read_rows(tmp_path / "sweep" / "results.jsonl")
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
     teacher = _last_layer_tokens(assets, assets["teacher"])
@@ -353,10 +354,16 @@ def test_a_sweep_with_geometry_measures_each_student_as_its_run_ends(assets, tmp
     assert "no trained student at" in capsys.readouterr().err
 
     # a measurement that fails does not fail the run: its row is finished and says why
-    sweep.update(output_dir=str(tmp_path / "sweep9"), geometry={"student_layer": 9, "max_examples": 12})
-    sweep["grid"] = {"seed": [0]}
-    (tmp_path / "sweep9.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
-    assert main(["sweep", str(tmp_path / "sweep9.yaml"), "--quiet"]) == 0
+    path = _tiny_sweep(
+        assets,
+        tmp_path,
+        "sweep9",
+        methods,
+        steps=2,
+        seeds=[0],
+        geometry={"student_layer": 9, "max_examples": 12},
+    )
+    assert main(["sweep", str(path), "--quiet"]) == 0
     assert "student not measured against its teacher" in capsys.readouterr().out
     (row,) = read_rows(tmp_path / "sweep9" / "results.jsonl")
     assert row["status"] == "ok" and "test.teacher_cka" not in row and "geometry" not in row
