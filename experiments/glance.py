@@ -154,7 +154,7 @@ CE_TABLE = [
         RT,
         "narrow",
         "last layer, every token",
-        {m: Cell("ce_tokens", m, baseline="ce+kd") for m in ("ce+kd+procrustes", "ce+kd+cka")},
+        {m: Cell("ce_tokens", m, baseline="ce+kd") for m in ("ce+kd+procrustes", "ce+kd+gram", "ce+kd+cka")},
     ),
     Line(R8, "subset-3", "last layer, CLS", {m: Cell("subset_r8", m, baseline="ce+kd") for m in CE_TERMS}),
 ]
