@@ -307,7 +307,7 @@ def test_a_sweep_with_geometry_measures_each_student_as_its_run_ends(assets, tmp
     teacher = _last_layer_tokens(assets, assets["teacher"])
     for row in rows:
         assert row["geometry"]["max_examples"] == 12 and row["geometry"]["pooling"] == "tokens"
-        assert row["geometry"]["samples"] == teacher.shape[0]
+        assert row["geometry"]["samples"] == teacher.shape[0] and 0 < row["geometry"]["seconds"] < 60
         ref = ref_all(_last_layer_tokens(assets, Path(row["output_dir"]) / "best"), teacher)
         assert row["test.teacher_cka"] == pytest.approx(ref["cka"], abs=1e-9)
         assert row["test.teacher_procrustes"] == pytest.approx(ref["procrustes"], abs=1e-9)

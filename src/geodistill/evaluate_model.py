@@ -5,6 +5,7 @@ models (``similarity_report``) or every trained student of a sweep against its t
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,7 @@ def measure_student(
     device: torch.device | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """A finished run's trained student (``<run_dir>/best``) against the teacher it learnt from:
-    ``({measure: value}, the measurement's settings + samples + teacher)`` for every measure of
+    ``({measure: value}, the measurement's settings + samples + teacher + seconds)`` for every measure of
     :data:`geodistill.similarity.MEASURES` between the student's hidden state ``student_layer``
     and the teacher's ``teacher_layer`` (0 = embeddings, -1 = last), pooled by ``pooling``, on a
     seeded stratified sample of ``max_examples`` of ``split`` (``data.max_eval``'s sampling: the
@@ -140,6 +141,7 @@ def measure_student(
     from geodistill.train import quiet_libraries
 
     quiet_libraries()  # no per-call bars of weight loading and dataset maps
+    start = time.perf_counter()
     s = {**GEOMETRY_SETTINGS, **(settings or {})}
     run_dir = Path(run_dir)
     student_dir = run_dir / "best"
@@ -178,7 +180,11 @@ def measure_student(
     y = teacher_states[key]
     if x.shape[0] != y.shape[0]:
         raise RuntimeError(f"{run_dir}: {x.shape[0]} student samples but {y.shape[0]} teacher samples")
-    return measure_pair(x, y), {**s, "samples": x.shape[0], "teacher": teacher_name}
+    values = measure_pair(x, y)
+    seconds = (
+        time.perf_counter() - start
+    )  # the measurement's own cost, teacher's states included if computed here
+    return values, {**s, "samples": x.shape[0], "teacher": teacher_name, "seconds": seconds}
 
 
 def student_geometry(
