@@ -280,6 +280,12 @@ def test_distances_to_the_teacher_are_better_lower_and_never_percent(tmp_path: P
     assert by["kd+cka"].ci_low > 0 and by["kd+cka"].verdict == "loss"
     a = analyse(rows, metric="test.teacher_cka", resamples=500)
     assert not a.lower_is_better and not a.percent
+    assert not any("also carry measures" in n for n in a.notes)
+    (note,) = [n for n in analyse(rows, resamples=50).notes if "also carry measures" in n]
+    assert (
+        note.startswith(f"{len(rows)} of the {len(rows)} runs")
+        and "--metric test.teacher_procrustes`" in note
+    )
     assert {c.treatment["method"]: c.verdict for c in a.comparisons} == {
         "kd+procrustes": "win",
         "kd+cka": "loss",

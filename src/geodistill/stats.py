@@ -53,6 +53,22 @@ def _teacher_measure(metric: str) -> str | None:
     return TEACHER_MEASURES.get(metric.rpartition(".")[2])
 
 
+def _measures_note(rows: list[dict[str, Any]], metric: str) -> str | None:
+    """Where a report on another metric reads rows that also carry measures against the teacher
+    (a sweep with ``geometry:``, or ``geometry.jsonl``): which, and how to compare methods on them."""
+    if _teacher_measure(metric):
+        return None
+    columns = sorted({k for r in rows for k in r if _teacher_measure(k) and r.get(k) is not None})
+    if not columns:
+        return None
+    runs = sum(any(r.get(k) is not None for k in columns) for r in rows)
+    example = next((c for c in columns if c.endswith("teacher_procrustes")), columns[0])
+    return (
+        f"{runs} of the {len(rows)} runs also carry measures of the student against its teacher "
+        f"({', '.join(columns)}); `--metric {example}` compares methods on one."
+    )
+
+
 def lower_is_better(metric: str) -> bool:
     """Whether a smaller value of ``metric`` is the better one (a distance to the teacher)."""
     return _teacher_measure(metric) == "lower"
@@ -506,6 +522,9 @@ def analyse(
     collapsed = _collapsed_note(ok, metric, cols)
     if collapsed:
         notes.append(collapsed)
+    measured = _measures_note(ok, metric)
+    if measured:
+        notes.append(measured)
 
     base_name, base_extra = _parse_baseline(baseline)
     if not any(g.treatment.get("method") == base_name for g in groups.values()):
