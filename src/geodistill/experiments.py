@@ -241,13 +241,11 @@ def parse_sweep(data: dict[str, Any]) -> SweepConfig:
     return sweep
 
 
-_POOLINGS = ("cls", "mean", "tokens", "last")
-
-
 def geometry_settings(sweep: SweepConfig) -> dict[str, Any] | None:
     """The sweep's ``geometry:`` as the full settings of :func:`~geodistill.evaluate_model.measure_student`
     (None: no measurement), checked, naming a bad key or value."""
     from geodistill.evaluate_model import GEOMETRY_SETTINGS
+    from geodistill.features import POOLINGS
 
     g = sweep.geometry
     if g is None or g is False:
@@ -263,8 +261,8 @@ def geometry_settings(sweep: SweepConfig) -> dict[str, Any] | None:
             raise ConfigError(f"geometry.{key}: unknown setting (settings: {', '.join(GEOMETRY_SETTINGS)})")
         if key == "split" and value not in ("train", "dev", "test"):
             raise ConfigError(f"geometry.split: expected train, dev or test, got {value!r}")
-        if key == "pooling" and value not in _POOLINGS:
-            raise ConfigError(f"geometry.pooling: expected one of {', '.join(_POOLINGS)}, got {value!r}")
+        if key == "pooling" and value not in POOLINGS:
+            raise ConfigError(f"geometry.pooling: expected one of {', '.join(POOLINGS)}, got {value!r}")
         if key in ("max_examples", "student_layer", "teacher_layer") and (
             isinstance(value, bool) or not isinstance(value, int)
         ):
