@@ -156,8 +156,9 @@ class SweepConfig:
     geometry: Any = _help(
         "measure each classification student against its teacher when its run finishes (CKA, Procrustes, "
         "its angle, Gram; as `geodistill geometry`): true for the defaults, or a mapping of split, pooling, "
-        "max_examples, student_layer, teacher_layer; rows gain <split>.teacher_cka, ... (rows finished "
-        "before keep none: `geodistill geometry` measures those from their checkpoints)",
+        "max_examples, student_layer, teacher_layer; rows gain <split>.teacher_cka, ... and its cost in "
+        "geometry.seconds (also in wall_seconds; rows finished before keep none: `geodistill geometry` "
+        "measures those from their checkpoints)",
         default=None,
     )
 
