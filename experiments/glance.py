@@ -158,6 +158,15 @@ CE_TABLE = [
     ),
     Line(R8, "subset-3", "last layer, CLS", {m: Cell("subset_r8", m, baseline="ce+kd") for m in CE_TERMS}),
 ]
+#: CE + KD + 1 x D on the uniform map's tokens (experiments/ce_layers_tokens)
+CE_ALPHA1_TABLE = [
+    Line(
+        RT,
+        "narrow",
+        "uniform map, every token",
+        {m: Cell("ce_layers_tokens", f"{m}-a1", baseline="ce+kd") for m in ("ce+kd+procrustes", "ce+kd+cka")},
+    ),
+]
 
 KD_COLUMNS = list(zip(KD_TERMS, KD_HEADER, strict=True))
 
@@ -189,6 +198,11 @@ TABLES = [
     Table("KD + 1 x D against KD", KD_COLUMNS[:4], ALPHA1_TABLE),
     Table("KD + alpha x D against KD, by alpha", [(str(a), f"alpha {a:g}") for a in ALPHAS], ALPHA_TABLE),
     Table("CE + KD + 0.1 x D against CE + KD", list(zip(CE_TERMS, KD_HEADER[:5], strict=True)), CE_TABLE),
+    Table(
+        "CE + KD + 1 x D against CE + KD",
+        list(zip(CE_TERMS[:3], KD_HEADER[:3], strict=True)),
+        CE_ALPHA1_TABLE,
+    ),
 ]
 
 

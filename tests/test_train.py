@@ -666,6 +666,7 @@ def test_every_shipped_config_loads() -> None:
         ("tokens_mse_delay", 120, 120),
         ("student_geometry", 40, 40),
         ("ce_tokens", 240, 240),
+        ("ce_layers_tokens", 180, 180),
         ("cls_alpha", 52, 52),
         ("subset", 210, 210),
         ("subset_tokens", 120, 120),
