@@ -667,6 +667,7 @@ def test_every_shipped_config_loads() -> None:
         ("student_geometry", 40, 40),
         ("ce_tokens", 240, 240),
         ("ce_layers_tokens", 180, 180),
+        ("ce_geometry", 50, 50),
         ("cls_alpha", 52, 52),
         ("subset", 210, 210),
         ("subset_tokens", 120, 120),
@@ -712,6 +713,24 @@ def test_student_geometry_reruns_reproduce_their_committed_rows() -> None:
     assert all(r["test.accuracy"] == old[r["config_hash"]]["test.accuracy"] for r in new)
     dev = [abs(r["dev.accuracy"] - old[r["config_hash"]]["dev.accuracy"]) for r in new]
     assert max(dev) < 1 / 1200 and sum(d > 0 for d in dev) == 2
+
+
+def test_ce_geometry_reruns_reproduce_their_committed_rows() -> None:
+    """experiments/ce_geometry re-trained ce's 10 CE + KD runs of split 0 (same config hashes), on
+    another machine and day, measuring each against its teacher as it ended: test and dev accuracy
+    are the committed ones to the last digit, and each row carries its measures."""
+    from geodistill.experiments import read_rows
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    old = {r["config_hash"]: r for r in read_rows(root / "ce" / "results.jsonl")}
+    new = [r for r in read_rows(root / "ce_geometry" / "results.jsonl") if not r.get("reused_from")]
+    assert len(new) == 10 and all(r["method"] == "ce+kd" and r["config_hash"] in old for r in new)
+    for r in new:
+        assert (r["test.accuracy"], r["dev.accuracy"]) == (
+            old[r["config_hash"]]["test.accuracy"],
+            old[r["config_hash"]]["dev.accuracy"],
+        )
+        assert r["geometry"]["samples"] == 6692 and 0 < r["test.teacher_cka"] < 1
 
 
 def test_git_revision_says_when_the_package_is_uncommitted(tmp_path, monkeypatch) -> None:
