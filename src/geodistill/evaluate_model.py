@@ -181,9 +181,8 @@ def measure_student(
     if x.shape[0] != y.shape[0]:
         raise RuntimeError(f"{run_dir}: {x.shape[0]} student samples but {y.shape[0]} teacher samples")
     values = measure_pair(x, y)
-    seconds = (
-        time.perf_counter() - start
-    )  # the measurement's own cost, teacher's states included if computed here
+    # the measurement's own cost, the teacher's states included where computed in this call
+    seconds = time.perf_counter() - start
     return values, {**s, "samples": x.shape[0], "teacher": teacher_name, "seconds": seconds}
 
 
