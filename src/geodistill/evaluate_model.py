@@ -233,7 +233,6 @@ def student_geometry(
     notes: list[str] = []
     if not todo:
         return measured, notes
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher_states: dict[tuple[str, str], torch.Tensor] = {}
     bar = todo
     if progress:
@@ -246,7 +245,7 @@ def student_geometry(
         else:
             try:
                 values, meta = measure_student(
-                    str(row.get("output_dir")), settings, teacher_states=teacher_states, device=device
+                    str(row.get("output_dir")), settings, teacher_states=teacher_states
                 )
             except NotMeasured as e:
                 notes.append(f"{row.get('run_id')}: {e}")
