@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 from geodistill.config import ConfigError, DistillConfig
+from geodistill.evaluate_model import measure_student, student_geometry
 from geodistill.experiments import (
     append_row,
     expand,
@@ -270,6 +272,35 @@ NO_ALPHA = {"grid": {"seed": [0]}, "quick": {}}  # for method sets without ${alp
 def test_strict_errors_name_the_key(tmp_path: Path, change: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         expand(parse_sweep(sweep_dict(tmp_path, **change)))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda d: student_geometry([d / "none.jsonl"], d, pooling="avg"),
+            "student_geometry.pooling: expected",
+        ),
+        (
+            lambda d: student_geometry([d / "none.jsonl"], d, layer=1),
+            "student_geometry.layer: unknown setting",
+        ),
+        (
+            lambda d: measure_student(d, {"split": "val"}),
+            "measure_student.split: expected train, dev or test",
+        ),
+        (
+            lambda d: measure_student(d, {"max_examples": True}),
+            "measure_student.max_examples: expected an integer",
+        ),
+    ],
+)
+def test_geometry_settings_are_checked_alike_outside_a_sweep(
+    tmp_path: Path, call: Callable[[Path], Any], message: str
+) -> None:
+    # the same checks as a sweep's geometry:, before any file or checkpoint is read
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        call(tmp_path)
 
 
 def test_duplicate_configs_are_an_error(tmp_path: Path) -> None:

@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 
-from geodistill.config import DistillConfig
+from geodistill.config import ConfigError, DistillConfig
 
 __all__ = [
     "GEOMETRY_SETTINGS",
     "NotMeasured",
+    "check_geometry_settings",
     "evaluate_saved",
     "measure_student",
     "similarity_report",
@@ -114,6 +115,29 @@ GEOMETRY_SETTINGS: dict[str, Any] = {
 }
 
 
+def check_geometry_settings(settings: dict[str, Any], where: str = "geometry") -> dict[str, Any]:
+    """``settings`` (some of :data:`GEOMETRY_SETTINGS`' keys) completed with the defaults; a bad key
+    or value raises :class:`~geodistill.config.ConfigError` naming ``<where>.<key>``."""
+    from geodistill.features import POOLINGS
+
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where}: expected a mapping of {', '.join(GEOMETRY_SETTINGS)}, got {settings!r}")
+    for key, value in settings.items():
+        if key not in GEOMETRY_SETTINGS:
+            raise ConfigError(f"{where}.{key}: unknown setting (settings: {', '.join(GEOMETRY_SETTINGS)})")
+        if key == "split" and value not in ("train", "dev", "test"):
+            raise ConfigError(f"{where}.split: expected train, dev or test, got {value!r}")
+        if key == "pooling" and value not in POOLINGS:
+            raise ConfigError(f"{where}.pooling: expected one of {', '.join(POOLINGS)}, got {value!r}")
+        if key in ("max_examples", "student_layer", "teacher_layer") and (
+            isinstance(value, bool) or not isinstance(value, int)
+        ):
+            raise ConfigError(f"{where}.{key}: expected an integer, got {value!r}")
+        if key == "max_examples" and value < 1:
+            raise ConfigError(f"{where}.max_examples: expected at least 1, got {value}")
+    return {**GEOMETRY_SETTINGS, **settings}
+
+
 class NotMeasured(Exception):
     """A run whose student cannot be measured against its teacher here; the message says why."""
 
@@ -142,7 +166,7 @@ def measure_student(
 
     quiet_libraries()  # no per-call bars of weight loading and dataset maps
     start = time.perf_counter()
-    s = {**GEOMETRY_SETTINGS, **(settings or {})}
+    s = check_geometry_settings(settings or {}, "measure_student")
     run_dir = Path(run_dir)
     student_dir = run_dir / "best"
     if not (student_dir / "config.json").exists() or not (run_dir / "run.json").exists():
@@ -211,10 +235,7 @@ def student_geometry(
     from geodistill.experiments import append_row, read_rows
     from geodistill.stats import GEOMETRY_NAME, merge_results, select_rows
 
-    unknown = set(settings) - set(GEOMETRY_SETTINGS)
-    if unknown:
-        raise TypeError(f"student_geometry: unknown settings {sorted(unknown)}")
-    settings = {**GEOMETRY_SETTINGS, **settings}
+    settings = check_geometry_settings(settings, "student_geometry")
     split = settings["split"]
     rows, _, _ = merge_results(results)
     rows = [r for r in rows if r.get("status", "ok") == "ok"]

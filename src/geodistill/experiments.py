@@ -245,8 +245,7 @@ def parse_sweep(data: dict[str, Any]) -> SweepConfig:
 def geometry_settings(sweep: SweepConfig) -> dict[str, Any] | None:
     """The sweep's ``geometry:`` as the full settings of :func:`~geodistill.evaluate_model.measure_student`
     (None: no measurement), checked, naming a bad key or value."""
-    from geodistill.evaluate_model import GEOMETRY_SETTINGS
-    from geodistill.features import POOLINGS
+    from geodistill.evaluate_model import GEOMETRY_SETTINGS, check_geometry_settings
 
     g = sweep.geometry
     if g is None or g is False:
@@ -257,20 +256,7 @@ def geometry_settings(sweep: SweepConfig) -> dict[str, Any] | None:
         raise ConfigError(
             f"geometry: expected true or a mapping of {', '.join(GEOMETRY_SETTINGS)}, got {g!r}"
         )
-    for key, value in g.items():
-        if key not in GEOMETRY_SETTINGS:
-            raise ConfigError(f"geometry.{key}: unknown setting (settings: {', '.join(GEOMETRY_SETTINGS)})")
-        if key == "split" and value not in ("train", "dev", "test"):
-            raise ConfigError(f"geometry.split: expected train, dev or test, got {value!r}")
-        if key == "pooling" and value not in POOLINGS:
-            raise ConfigError(f"geometry.pooling: expected one of {', '.join(POOLINGS)}, got {value!r}")
-        if key in ("max_examples", "student_layer", "teacher_layer") and (
-            isinstance(value, bool) or not isinstance(value, int)
-        ):
-            raise ConfigError(f"geometry.{key}: expected an integer, got {value!r}")
-        if key == "max_examples" and value < 1:
-            raise ConfigError(f"geometry.max_examples: expected at least 1, got {value}")
-    return {**GEOMETRY_SETTINGS, **g}
+    return check_geometry_settings(g)
 
 
 def _check_mapping(value: Any, where: str) -> None:
@@ -1078,7 +1064,9 @@ def _teacher_dir(cfg: DistillConfig) -> str | None:
 
 def _unbuilt(directory: str | None) -> str | None:
     """``directory`` when it names a teacher that is not fine-tuned yet, else None."""
-    return None if directory is None or Path(directory, "results.json").exists() else directory
+    from geodistill.finetune import is_fitted
+
+    return None if directory is None or is_fitted(directory) else directory
 
 
 def _next_run(

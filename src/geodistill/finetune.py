@@ -16,7 +16,7 @@ from typing import Any
 
 from geodistill.config import DistillConfig, LossConfig, StudentConfig, identity_hash
 
-__all__ = ["finetune_config", "finetuned_teacher", "fitted_teacher"]
+__all__ = ["finetune_config", "finetuned_teacher", "fitted_teacher", "is_fitted"]
 
 
 def finetune_config(cfg: DistillConfig, output_dir: str | Path | None = None) -> DistillConfig:
@@ -63,15 +63,17 @@ def _locked(path: Path) -> Any:
         yield
 
 
-def _finished(out: Path) -> bool:
-    return (out / "results.json").exists()
+def is_fitted(out: str | Path) -> bool:
+    """Whether the fine-tuning run writing to ``out`` has finished (its ``results.json`` is written
+    last, after ``best/``)."""
+    return Path(out, "results.json").exists()
 
 
 def fitted_teacher(cfg: DistillConfig) -> Path | None:
     """Directory of the fine-tuned teacher for ``cfg`` when this machine's cache holds it, else
     None (fits nothing)."""
     out = Path(finetune_config(cfg).output_dir)
-    return out / "best" if _finished(out) else None
+    return out / "best" if is_fitted(out) else None
 
 
 def finetuned_teacher(cfg: DistillConfig, *, progress: bool = True) -> Path:
@@ -81,7 +83,7 @@ def finetuned_teacher(cfg: DistillConfig, *, progress: bool = True) -> Path:
     ft = finetune_config(cfg)
     out = Path(ft.output_dir)
     with _locked(out.with_suffix(".lock")):
-        if not _finished(out):
+        if not is_fitted(out):
             if progress:
                 print(f"fine-tuning teacher {cfg.teacher.name} on {cfg.data.name} (cached in {out})")
             train(setup(ft, kind="finetune", progress=progress), progress=progress)
