@@ -163,6 +163,24 @@ def test_missing_config_file(capsys, monkeypatch) -> None:
     assert "no/such.yaml" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "expected at least 1, got 0"),
+        ("-3", "expected at least 1, got -3"),
+        ("many", "expected a whole number, got 'many'"),
+    ],
+)
+@pytest.mark.parametrize("command", ["geometry", "similarity"])
+def test_max_examples_must_be_a_positive_whole_number(command, value, message, tmp_path, capsys) -> None:
+    argv = [command, str(tmp_path / "r.jsonl")] if command == "geometry" else [command, "a", "b", "demo"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, f"--max-examples={value}"])
+    assert exit_.value.code == 2  # argparse's usage error, before any file or model is read
+    err = capsys.readouterr().err
+    assert f"argument --max-examples: {message}" in err
+
+
 def test_configs_lists_every_key_with_help(capsys) -> None:
     assert main(["configs"]) == 0
     out = capsys.readouterr().out

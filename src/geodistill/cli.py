@@ -206,6 +206,17 @@ def _cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
 def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("config", nargs=None if required else "?", help="YAML config file or shipped config name")
     p.add_argument(
@@ -265,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", default="cls", choices=["cls", "mean", "tokens", "last"])
     p.add_argument(
         "--max-examples",
-        type=int,
+        type=_positive_int,
         default=512,
         help="examples used (a seeded stratified sample of N of the split, the same for every model)",
     )
@@ -289,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", default="tokens", choices=["cls", "mean", "tokens", "last"])
     p.add_argument(
         "--max-examples",
-        type=int,
+        type=_positive_int,
         default=256,
         help="examples used (a seeded stratified sample of N of the split, the same for every model)",
     )
