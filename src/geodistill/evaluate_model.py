@@ -118,6 +118,7 @@ GEOMETRY_SETTINGS: dict[str, Any] = {
 def check_geometry_settings(settings: dict[str, Any], where: str = "geometry") -> dict[str, Any]:
     """``settings`` (some of :data:`GEOMETRY_SETTINGS`' keys) completed with the defaults; a bad key
     or value raises :class:`~geodistill.config.ConfigError` naming ``<where>.<key>``."""
+    from geodistill.data.classification import SPLITS
     from geodistill.features import POOLINGS
 
     if not isinstance(settings, dict):
@@ -125,7 +126,7 @@ def check_geometry_settings(settings: dict[str, Any], where: str = "geometry") -
     for key, value in settings.items():
         if key not in GEOMETRY_SETTINGS:
             raise ConfigError(f"{where}.{key}: unknown setting (settings: {', '.join(GEOMETRY_SETTINGS)})")
-        if key == "split" and value not in ("train", "dev", "test"):
+        if key == "split" and value not in SPLITS:
             raise ConfigError(f"{where}.split: expected train, dev or test, got {value!r}")
         if key == "pooling" and value not in POOLINGS:
             raise ConfigError(f"{where}.pooling: expected one of {', '.join(POOLINGS)}, got {value!r}")
