@@ -201,6 +201,22 @@ def test_differences_without_spread_use_the_exact_sign_flip_test() -> None:
         r["test.accuracy"] = r["test.accuracy"] + 4 / 1288
     (c,) = analyse(rows + gain, resamples=500).comparisons
     assert c.p_t == 0.5 and c.verdict == "tie"
+    # and no spread for the MDE either: not an MDE of 1e-14 points from the rounding, nor a seed count
+    assert c.sd_diff == 0 and math.isnan(c.mde) and c.seeds_needed is None and c.seeds_needed_holm is None
+    assert c.verdict_text() == "tie (the paired differences do not vary: no test, MDE undefined)"
+
+
+def test_holm_mde_counts_only_the_comparisons_with_a_test() -> None:
+    """A comparison with one pair has no p-value and is not in Holm's family (holm() leaves it
+    out), so it must not make the MDE at Holm's level stricter: one tested comparison is a family
+    of one, and its Holm MDE is its plain MDE."""
+    rows = rows_for({("kd", None): 0.0, ("kd+procrustes", 1): 0.01}, seeds=range(8))
+    one = rows_for({("kd+gram", 1): 0.01}, seeds=[0])
+    by = {c.treatment["method"]: c for c in analyse(rows + one, resamples=200).comparisons}
+    assert by["kd+gram"].verdict == "too few pairs" and math.isnan(by["kd+gram"].p_t)
+    p = by["kd+procrustes"]
+    assert p.p_t_holm == p.p_t  # a family of one
+    assert p.mde_holm == pytest.approx(p.mde) and p.seeds_needed_holm == p.seeds_needed
 
 
 def test_identical_runs_tie_with_zero_difference() -> None:
@@ -242,6 +258,23 @@ def test_a_metric_that_is_not_a_fraction_keeps_its_units(tmp_path: Path) -> None
     _, paths = report(path, tmp_path / "report", metric="test.answer_logprob", resamples=200)
     md = paths["markdown"].read_text()
     assert "in its own units" in md and "Δ (units)" in md and "points" not in md and "(%)" not in md
+
+
+def test_small_differences_in_a_metrics_own_units_are_printed(tmp_path: Path) -> None:
+    """A CKA gain of 0.0024 is real (a metric in [0, 1], not percent): the report's tables and
+    verdicts must not round it, its interval or its MDE to 0.00."""
+    rows = rows_for({("kd", None): 0.0, ("kd+procrustes", 1): 0.0})
+    for r in rows:
+        r["test.teacher_cka"] = 0.6 + (r["test.accuracy"] - 0.7) + (0.0024 if r["method"] != "kd" else 0.0)
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, paths = report(path, tmp_path / "report", metric="test.teacher_cka", resamples=200)
+    (c,) = a.comparisons
+    assert c.mean_diff == pytest.approx(0.0024, abs=0.002)
+    md = paths["markdown"].read_text()
+    assert f"{c.mean_diff:+.4f} units (95% CI {c.ci_low:+.4f} to {c.ci_high:+.4f})" in md
+    assert f"| {c.sd_diff:.4f} | {c.mde:.4f} |" in md  # the power table
+    assert "+0.00 " not in md and "0.00 |" not in md
     assert json.loads(paths["json"].read_text())["unit"] == "metric"
 
 
@@ -323,7 +356,7 @@ def test_partly_paired_runs_use_the_common_seeds(tmp_path: Path) -> None:
     md = write_report(a, tmp_path / "report")["markdown"].read_text()
     assert (
         "kd+procrustes (alpha=1) vs kd (task=rte): 1 run(s) without a partner left out "
-        "(1 of kd+procrustes (alpha=1), 0 of the baseline)."
+        "(1 of kd+procrustes (alpha=1), 0 of the baseline); its Δ is over the pairs only"
     ) in md
 
 
@@ -490,7 +523,7 @@ def test_report_writes_markdown_latex_and_figures(tmp_path: Path) -> None:
         "## Results per group",
         "## Differences to kd",
         "## Statistical power",
-        "MDE (points; at Holm's α/m)",
+        "MDE, points (at Holm's α/m)",
         "seeds for 80% power at 0.5 (Holm)",
         "MDE (Holm)",
         "![",
@@ -509,6 +542,11 @@ def test_report_writes_markdown_latex_and_figures(tmp_path: Path) -> None:
         and r"kd+procrustes" in tex
         and r"test.accuracy (\%)" in tex
     )
+    # pdflatex without extra packages: nothing outside ASCII (α, Δ, ±), and < and > only in math
+    # mode (OT1 fonts print a bare < as ¡)
+    assert tex.isascii() and r"Holm's $\alpha$/m" in tex
+    assert re.search(r"(?<!\$)[<>]", tex.replace("$<$", "").replace("$>$", "")) is None
+    assert "(500 resamples of the paired differences)" in md  # the count this report used
     summary = json.loads(paths["json"].read_text())
     assert {c["verdict"] for c in summary["comparisons"]} <= {"win", "tie", "loss"}
     assert summary["failed_runs"] == ["kd-dead"]

@@ -206,6 +206,12 @@ def seeds_for_power(
 _ROUNDING = 1e-9
 
 
+def _no_spread(diffs: np.ndarray) -> bool:
+    """Whether the paired differences are all equal up to float rounding (the same gain on every
+    pair, e.g. 4 / 1288 computed as two different differences of accuracies)."""
+    return bool(np.ptp(diffs) <= _ROUNDING * max(1.0, float(np.abs(diffs).max())))
+
+
 def _paired_tests(diffs: np.ndarray) -> tuple[float, float]:
     """Two-sided p-values of the paired t-test and the Wilcoxon signed-rank test on differences."""
     from scipy import stats
@@ -213,7 +219,7 @@ def _paired_tests(diffs: np.ndarray) -> tuple[float, float]:
     if len(diffs) < 2:
         return (math.nan, math.nan)
     all_zero = bool(np.all(np.abs(diffs) <= _ROUNDING))
-    if np.ptp(diffs) <= _ROUNDING * max(1.0, float(np.abs(diffs).max())):  # no spread (to float rounding)
+    if _no_spread(diffs):
         # t is 0/0 or +-inf: the exact sign-flip test stands in (all n signs alike: p = 2 / 2^n)
         p_t = 1.0 if all_zero else min(1.0, 2.0 ** (1 - len(diffs)))
     else:
@@ -297,8 +303,11 @@ class Comparison:
             if math.isfinite(self.mde) and self.mde > 0 and abs(self.mean_diff) >= self.mde:
                 # as large as the t-test could detect alone, but not significant after Holm (or the
                 # interval touches 0): a candidate effect, not a finding
-                return f"tie (not significant after Holm correction; MDE = {_num(self.mde)} {self.unit})"
-            return f"tie (no detectable difference; MDE = {_num(self.mde)} {self.unit})"
+                return (
+                    f"tie (not significant after Holm correction; MDE = {_num(self.mde, unit=self.unit)} "
+                    f"{self.unit})"
+                )
+            return f"tie (no detectable difference; MDE = {_num(self.mde, unit=self.unit)} {self.unit})"
         if self.verdict == "too few pairs":
             return f"no test ({self.pairs} pair{'s' if self.pairs != 1 else ''}; need at least 2)"
         return self.verdict
@@ -560,10 +569,11 @@ def analyse(
             family.append(_compare(g, base, cols, resamples, seed, delta, alpha, power))
         p_t = holm([c.p_t for c in family])
         p_w = holm([c.p_wilcoxon for c in family])
+        # m as holm() counts it: a comparison without a test (fewer than 2 pairs) is not in the family
+        strict = alpha / max(1, sum(math.isfinite(c.p_t) for c in family))
         for c, pt, pw in zip(family, p_t, p_w, strict=True):
             c.p_t_holm, c.p_wilcoxon_holm = float(pt), float(pw)
             c.unit = unit
-            strict = alpha / len(family)
             c.mde_holm = minimum_detectable_effect(c.pairs, c.sd_diff, alpha=strict, power=power)
             c.seeds_needed_holm = seeds_for_power(c.sd_diff, delta, alpha=strict, power=power)
             c.verdict = verdict(c, float(pt), alpha=alpha, lower_is_better=lower)
@@ -621,7 +631,8 @@ def _compare(
             f"the baseline {show(base)}. Paired tests need both run on the same seeds."
         )
     diffs = np.array([g.values[r] - base.values[r] for r in common])
-    sd = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else math.nan
+    # differences equal to float rounding have no spread: std 0 (no MDE), as the tests treat them
+    sd = (0.0 if _no_spread(diffs) else float(np.std(diffs, ddof=1))) if len(diffs) > 1 else math.nan
     lo, hi = bootstrap_mean_ci(diffs, resamples=resamples, seed=seed)
     p_t, p_w = _paired_tests(diffs)
     return Comparison(
@@ -664,10 +675,13 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def _num(v: float, signed: bool = False) -> str:
+def _num(v: float, signed: bool = False, unit: str = "points") -> str:
+    """Two decimals for percentage points; four for a metric in its own units (a CKA or Procrustes
+    difference of 0.002 is real and must not print as 0.00)."""
     if v is None or not math.isfinite(v):
         return "n/a"
-    return f"{v:+.2f}" if signed else f"{v:.2f}"
+    digits = 2 if unit == "points" else 4
+    return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
 
 
 def _p(v: float) -> str:
@@ -707,8 +721,21 @@ _LATEX_ESCAPES = {
 }  # fmt: skip
 
 
+#: the report's non-ASCII characters and those that OT1 fonts print as other glyphs (``<`` as ¡)
+_LATEX_SYMBOLS = {
+    "±": r"$\pm$",
+    "Δ": r"$\Delta$",
+    "α": r"$\alpha$",
+    "<": r"$<$",
+    ">": r"$>$",
+    "×": r"$\times$",
+}
+
+
 def _tex(text: str) -> str:
-    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text).replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
+    """``text`` as LaTeX that pdflatex compiles without extra packages: specials escaped, the
+    report's symbols in math mode."""
+    return "".join(_LATEX_ESCAPES.get(ch) or _LATEX_SYMBOLS.get(ch, ch) for ch in text)
 
 
 def _latex(header: list[str], rows: list[list[str]], caption: str, label: str) -> str:
@@ -744,8 +771,8 @@ def _group_table(a: Analysis) -> tuple[list[str], list[list[str]]]:
     ]
     rows = []
     for g in _sorted_groups(a):
-        std = f" ± {g.std:.2f}" if g.n > 1 else ""
-        rows.append([*_key_cells(a, g.setting, g.treatment), str(g.n), f"{g.mean:.2f}{std}"])
+        std = f" ± {_num(g.std, unit=a.unit)}" if g.n > 1 else ""
+        rows.append([*_key_cells(a, g.setting, g.treatment), str(g.n), f"{_num(g.mean, unit=a.unit)}{std}"])
     return header, rows
 
 
@@ -758,7 +785,7 @@ def _comparison_table(a: Analysis, latex: bool = False) -> tuple[list[str], list
         "95% CI",
         "t-test p (Holm)",
         "Wilcoxon p (Holm)",
-        f"MDE ({a.unit}; at Holm's α/m)",
+        f"MDE, {a.unit} (at Holm's α/m)",
         f"seeds for {a.power:.0%} power at {a.delta:g} (Holm)",
         "verdict",
     ]
@@ -768,11 +795,11 @@ def _comparison_table(a: Analysis, latex: bool = False) -> tuple[list[str], list
             [
                 *_key_cells(a, c.setting, c.treatment),
                 str(c.pairs),
-                _num(c.mean_diff, signed=True),
-                f"[{_num(c.ci_low, True)}, {_num(c.ci_high, True)}]",
+                _num(c.mean_diff, True, a.unit),
+                f"[{_num(c.ci_low, True, a.unit)}, {_num(c.ci_high, True, a.unit)}]",
                 _p(c.p_t_holm),
                 _p(c.p_wilcoxon_holm),
-                f"{_num(c.mde)} ({_num(c.mde_holm)})",
+                f"{_num(c.mde, unit=a.unit)} ({_num(c.mde_holm, unit=a.unit)})",
                 f"{_seeds(c.seeds_needed)} ({_seeds(c.seeds_needed_holm)})",
                 c.verdict if latex else c.verdict_text(),
             ]
@@ -811,13 +838,14 @@ def _verdict_lines(a: Analysis) -> list[str]:
         for c in comps:
             lines.append(
                 f"- **{_label(c.treatment)}** vs {_label(c.baseline)}: **{c.verdict_text()}**: "
-                f"{_num(c.mean_diff, True)} {a.unit} (95% CI {_num(c.ci_low, True)} to {_num(c.ci_high, True)}), "
+                f"{_num(c.mean_diff, True, a.unit)} {a.unit} (95% CI {_num(c.ci_low, True, a.unit)} to "
+                f"{_num(c.ci_high, True, a.unit)}), "
                 f"paired t-test {_p_is(c.p_t_holm)}, Wilcoxon {_p_is(c.p_wilcoxon_holm)} (Holm), "
                 f"{c.pairs} pairs"
                 + (
                     "."
                     if c.verdict == "tie"
-                    else f", MDE {_num(c.mde)} {a.unit} ({_num(c.mde_holm)} at Holm's α/m)."
+                    else f", MDE {_num(c.mde, unit=a.unit)} {a.unit} ({_num(c.mde_holm, unit=a.unit)} at Holm's α/m)."
                 )
             )
         lines.append("")
@@ -937,7 +965,7 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
                     label=lbl,
                 )
             for g in groups:
-                if g.treatment.get("method") == a.baseline.partition("@")[0]:
+                if comps and g.treatment == comps[0].baseline:
                     ax.axhline(g.mean, color="k", ls="--", lw=1, label=f"{_label(g.treatment)} (baseline)")
             xs_all = [float(g.treatment["alpha"]) for g in alpha_groups]
             if min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
@@ -992,7 +1020,10 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
         )
         fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(cols) + 3), max(2.5, 0.45 * len(rows) + 1.5)))
         bound = float(np.nanmax(np.abs(grid))) or 1.0
-        im = ax.imshow(grid, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+        # blue where the method is better than the baseline, whichever way the metric points
+        im = ax.imshow(
+            grid, cmap="RdBu_r" if a.lower_is_better else "RdBu", vmin=-bound, vmax=bound, aspect="auto"
+        )
         ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(len(rows)), rows, fontsize=8)
         for (r, c), v in np.ndenumerate(grid):
@@ -1022,7 +1053,7 @@ def _plot(a: Analysis, out_dir: Path, seed: int, resamples: int) -> list[tuple[s
 def _layer_cell_text(c: Comparison, most: int) -> tuple[str, bool]:
     """A layer-ablation heatmap cell: the mean difference, the pairs when fewer than the grid's most
     (an interim cell), and whether to set it bold (a win or a loss after Holm)."""
-    text = f"{c.mean_diff:+.2f}" + (f"\nn={c.pairs}" if c.pairs < most else "")
+    text = _num(c.mean_diff, True, c.unit) + (f"\nn={c.pairs}" if c.pairs < most else "")
     return text, c.verdict in ("win", "loss")
 
 
@@ -1143,7 +1174,7 @@ def write_report(
         "",
         f"Runs are paired on ({reps}) within each setting ({settings}): the same seed means the same "
         f"initialisation, data order and dropout for every method. Differences are in {a.unit} (method "
-        "minus baseline) with 95% percentile bootstrap intervals (10,000 resamples of the paired "
+        f"minus baseline) with 95% percentile bootstrap intervals ({resamples:,} resamples of the paired "
         "differences). p-values are two-sided, Holm-corrected over the comparisons of each setting. "
         f"**win**: interval {'below 0 (lower is better for this metric)' if a.lower_is_better else 'above 0'} "
         f"and Holm-adjusted t-test p < {a.alpha:g}; **loss**: the mirror "
@@ -1187,9 +1218,9 @@ def write_report(
                 [
                     *_key_cells(a, c.setting, c.treatment),
                     str(c.pairs),
-                    _num(c.sd_diff),
-                    _num(c.mde),
-                    _num(c.mde_holm),
+                    _num(c.sd_diff, unit=a.unit),
+                    _num(c.mde, unit=a.unit),
+                    _num(c.mde_holm, unit=a.unit),
                     _seeds(c.seeds_needed),
                     _seeds(c.seeds_needed_holm),
                 ]
@@ -1212,7 +1243,8 @@ def write_report(
         where = f" ({_label(c.setting)})" if c.setting else ""
         notes.append(
             f"{_label(c.treatment)} vs {_label(c.baseline)}{where}: {c.unpaired} run(s) without a partner "
-            f"left out ({own} of {_label(c.treatment)}, {c.unpaired_baseline} of the baseline)."
+            f"left out ({own} of {_label(c.treatment)}, {c.unpaired_baseline} of the baseline); "
+            "its Δ is over the pairs only, so not the difference of the two means in the table of groups."
         )
     if any(0 < c.pairs <= 5 for c in a.comparisons):
         notes.append(
