@@ -257,6 +257,12 @@ NO_ALPHA = {"grid": {"seed": [0]}, "quick": {}}  # for method sets without ${alp
             "'${beta}' is not a grid axis",
         ),
         ({"methods": {"kd": {"losses": [{"name": "kd", "weight": "x${alpha}"}]}}}, "must be the whole value"),
+        # base's placeholders are named as base's, not as the first method's
+        (
+            {"base": {"train": {"lr": "x${alpha}"}}},
+            "base.train.lr: 'x${alpha}': a placeholder must be the whole",
+        ),
+        ({"base": {"train": {"lr": "${beta}"}}}, "base: '${beta}' is not a grid axis"),
         ({**NO_ALPHA, "methods": {"kd": {"lossez": []}}}, "unknown key lossez"),
         ({**NO_ALPHA, "methods": {}}, "name at least one method"),
         ({**NO_ALPHA, "methods": {"kd": []}}, "methods.kd: expected a mapping"),
@@ -272,6 +278,19 @@ NO_ALPHA = {"grid": {"seed": [0]}, "quick": {}}  # for method sets without ${alp
 def test_strict_errors_name_the_key(tmp_path: Path, change: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         expand(parse_sweep(sweep_dict(tmp_path, **change)))
+
+
+def test_a_placeholder_without_a_value_names_its_run_and_key(tmp_path: Path) -> None:
+    """quick.set is applied after the grid: a placeholder there that the run has no value for is
+    named by the run and the config key, not by its text alone."""
+    sweep = parse_sweep(sweep_dict(tmp_path, quick={"set": {"train.lr": "${beta}"}, "grid": {"seed": [0]}}))
+    expand(sweep)  # the full grid does not apply quick.set
+    with pytest.raises(
+        ConfigError, match=re.escape("train.lr: '${beta}': no value for this placeholder in this run")
+    ):
+        expand(sweep, quick=True)
+    with pytest.raises(ConfigError, match=r"^run ft, seed=0, split_seed=0: "):
+        expand(sweep, quick=True)
 
 
 @pytest.mark.parametrize(
@@ -513,6 +532,13 @@ def test_several_sweeps_share_runs_and_keep_their_own_rows(tmp_path: Path) -> No
         assert kd_a[seed]["config_hash"] == kd_b[seed]["config_hash"]
         assert kd_a[seed]["test.accuracy"] == kd_b[seed]["test.accuracy"]
         assert (kd_a[seed]["sweep"], kd_b[seed]["sweep"]) == ("a", "b")
+        # it ran once, in a's folder: b's row says so (not a folder of b's that never existed)
+        assert (
+            kd_b[seed]["output_dir"]
+            == kd_a[seed]["output_dir"]
+            == str(tmp_path / "a" / "runs" / kd_a[seed]["run_id"])
+        )
+        assert kd_b[seed]["reused_from"] == "a" and "reused_from" not in kd_a[seed]
     assert "alpha" in kd_a[0] and "alpha" not in kd_b[0]  # each file has its own sweep's columns
 
     # a third sweep planning runs that a and b finished: copied with its columns, nothing runs
@@ -535,8 +561,9 @@ def test_several_sweeps_share_runs_and_keep_their_own_rows(tmp_path: Path) -> No
         for metric in ("test.accuracy", "last_dev.accuracy", "last_test.accuracy"):
             assert row[metric] == by_hash[row["config_hash"]][metric]
         assert row["output_dir"] == by_hash[row["config_hash"]]["output_dir"]  # where it ran
-        assert row["reused_from"] == "b"  # whose row it is
-    assert all("reused_from" not in r for r in rows_a + rows_b)  # rows of runs that ran here
+        assert row["reused_from"] == {1: "a", 2: "b"}[row["seed"]]  # the sweep it ran for
+    assert all("reused_from" not in r for r in rows_a)  # rows of runs that ran here
+    assert {r["seed"] for r in rows_b if "reused_from" in r} == {0, 1}  # b's rows of a's kd runs
 
     # a copy of a copy names the sweep that ran it, not the one it was copied through
     d = parse_sweep(
@@ -553,6 +580,42 @@ def test_several_sweeps_share_runs_and_keep_their_own_rows(tmp_path: Path) -> No
     assert (row_d["sweep"], row_d["reused_from"]) == ("d", "b")
     with pytest.raises(ConfigError, match="write the same"):
         run_sweeps([a, a], runner=FakeRunner(), progress=False, log=lambda _: None)
+    (tmp_path / "x").mkdir()
+    a_again = parse_sweep(
+        sweep_dict(tmp_path, name="a2", grid=grid, output_dir=str(tmp_path / "x" / ".." / "a"))
+    )
+    with pytest.raises(ConfigError, match="'a' and 'a2' write the same"):  # one folder, two spellings
+        run_sweeps([a, a_again], runner=FakeRunner(), progress=False, log=lambda _: None)
+
+
+def test_a_sweep_runs_in_one_process_at_a_time(tmp_path: Path) -> None:
+    """A second `geodistill sweep` on a sweep whose runs are being run stops with a clear error
+    instead of training the same runs again; a sweep with nothing left to do takes no lock, and
+    the lock goes with the sweep that held it."""
+    from geodistill.experiments import SweepBusy
+
+    sweep = parse_sweep(sweep_dict(tmp_path, grid={"seed": [0, 1], "alpha": [1]}))
+    seen: list[str] = []
+
+    class Intruder(FakeRunner):
+        def __call__(self, cfg: DistillConfig) -> dict[str, Any]:
+            if not seen:  # while the first run trains, the same sweep is started again
+                with pytest.raises(SweepBusy, match=r"sweep 't': another `geodistill sweep` is running"):
+                    run_sweeps([sweep], runner=FakeRunner(), progress=False, log=lambda _: None)
+                seen.append("refused")
+            return super().__call__(cfg)
+
+    runner = Intruder()
+    (summary,) = run_sweeps([sweep], runner=runner, progress=False, log=lambda _: None)
+    assert seen == ["refused"] and summary.finished == summary.planned == len(runner.calls) == 6
+    assert len(read_rows(tmp_path / "sweep" / "results.jsonl")) == 6  # no run twice
+    # the lock was released; a finished sweep needs none, even while another process holds it
+    import fcntl
+
+    with open(tmp_path / "sweep" / "sweep.lock", "a+") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        (again,) = run_sweeps([sweep], runner=FakeRunner(), progress=False, log=lambda _: None)
+    assert again.skipped == 6 and again.finished == 0
 
 
 def test_cli_runs_a_folder_of_sweeps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -345,6 +345,11 @@ def _classify_axes(sweep: SweepConfig) -> _Axes:
             )
     used_anywhere: set[str] = set()
     uses: dict[str, tuple[str, ...]] = {}
+    unknown = sorted(_placeholders_in(sweep.base, "base") - set(placeholders))  # named as base's
+    if unknown:
+        raise ConfigError(
+            f"base: '${{{unknown[0]}}}' is not a grid axis (placeholder axes: {', '.join(placeholders) or 'none'})"
+        )
     for method, spec in sweep.methods.items():
         found = _placeholders_in(_merge(sweep.base, spec), f"methods.{method}")
         unknown = sorted(found - set(placeholders))
@@ -389,16 +394,20 @@ def _placeholders_in(obj: Any, where: str) -> set[str]:
     return found
 
 
-def _substitute(obj: Any, values: dict[str, Any]) -> Any:
+def _substitute(obj: Any, values: dict[str, Any], where: str = "") -> Any:
+    """``obj`` with every ``${name}`` replaced by ``values[name]``; ``where`` is the dotted key of
+    ``obj`` in the run's config, for the error."""
     if isinstance(obj, dict):
-        return {k: _substitute(v, values) for k, v in obj.items()}
+        return {k: _substitute(v, values, f"{where}.{k}" if where else str(k)) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_substitute(v, values) for v in obj]
+        return [_substitute(v, values, f"{where}.{i}") for i, v in enumerate(obj)]
     if isinstance(obj, str) and "${" in obj:
         match = _PLACEHOLDER.fullmatch(obj.strip())
         if match is None or match.group(1) not in values:
             raise ConfigError(
-                f"{obj!r}: no value for this placeholder here (only methods' values may use them)"
+                f"{where}: {obj!r}: no value for this placeholder in this run (a placeholder takes the "
+                "values of the grid axis of its name where base or the method's own values use it; "
+                f"this run's: {', '.join(values) or 'none'})"
             )
         return copy.deepcopy(values[match.group(1)])
     return obj
@@ -481,7 +490,10 @@ def expand(sweep: SweepConfig, *, quick: bool = False) -> list[PlannedRun]:
                 if quick:
                     for key, value in sweep.quick.set.items():
                         _set_value(data, key, value, f"{where}: quick.set.{key}")
-                data = _substitute(data, subst)
+                try:
+                    data = _substitute(data, subst)
+                except ConfigError as e:
+                    raise ConfigError(f"{where}: {e}") from e
                 data["output_dir"] = ""
                 try:
                     cfg = from_dict(DistillConfig, data)
@@ -783,13 +795,20 @@ def run_sweeps(
 
     plans = [expand(sweep, quick=quick) for sweep in sweeps]
     paths = [sweep_dir(sweep, quick=quick) / "results.jsonl" for sweep in sweeps]
-    for i, path in enumerate(paths):
-        if path in paths[:i]:
+    resolved = [path.resolve() for path in paths]  # one folder spelled two ways is one folder
+    for i, path in enumerate(resolved):
+        if path in resolved[:i]:
             raise ConfigError(
-                f"sweeps {sweeps[paths.index(path)].name!r} and {sweeps[i].name!r} write the same "
+                f"sweeps {sweeps[resolved.index(path)].name!r} and {sweeps[i].name!r} write the same "
                 f"{path}; give each its own output_dir"
             )
     done, copies, waiting = _divide_work(plans, [read_rows(path) if main_process else [] for path in paths])
+    held = []  # one `geodistill sweep` at a time writes a sweep's runs: two would train each twice
+    if main_process:
+        writing = {i for runs in waiting.values() for i, _ in runs} | {i for i, _, _ in copies}
+        held = [_lock_sweep(paths[i], sweeps[i].name or "") for i in sorted(writing)]
+        # rows another process wrote before the locks were ours are not run again
+        done, copies, waiting = _divide_work(plans, [read_rows(path) for path in paths])
     if launched:
         done, waiting = _broadcast_from_rank0((done, waiting), plans[0][0].config if plans[0] else None)
     todo = [runs[0][1] for runs in waiting.values()]
@@ -863,13 +882,17 @@ def run_sweeps(
             shutil.rmtree(Path(run.config.output_dir) / RESUME_DIR, ignore_errors=True)
             if payload.get("geometry_note"):
                 log(f"run {run.run_id}: student not measured against its teacher: {payload['geometry_note']}")
+        ran_for = waiting[run.config_hash][0][0]  # the sweep whose folder the run used
         for i, planned in waiting[run.config_hash]:
             if status == "ok":
-                append_row(paths[i], _row(planned, sweeps[i].name or "", payload, wall))
+                row = _row(planned, sweeps[i].name or "", payload, wall)
                 summaries[i].finished += 1
             else:
-                append_row(paths[i], _row(planned, sweeps[i].name or "", None, wall, payload, trace))
+                row = _row(planned, sweeps[i].name or "", None, wall, payload, trace)
                 summaries[i].failed.append((planned.run_id, payload))
+            if i != ran_for:  # a run two sweeps share: where it ran, and whose row it is (as a copy)
+                row.update(output_dir=run.config.output_dir, reused_from=sweeps[ran_for].name or "")
+            append_row(paths[i], row)
         if status != "ok":
             failures += 1
             log(f"run {run.run_id} failed: {payload}")
@@ -906,7 +929,36 @@ def run_sweeps(
     finally:
         if bar is not None:
             bar.close()
+        for handle in held:
+            if handle is not None:
+                handle.close()  # releases the lock
     return summaries
+
+
+class SweepBusy(OSError):
+    """Another process is running this sweep's runs."""
+
+
+def _lock_sweep(results: Path, name: str) -> Any:
+    """An open handle holding an exclusive ``flock`` on ``sweep.lock`` beside ``results`` (None
+    where ``fcntl`` is missing); :class:`SweepBusy` when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX: no guard
+        return None
+    lock = results.with_name("sweep.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock, "a+")  # noqa: SIM115 - held open until the sweep ends
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SweepBusy(
+            f"sweep {name!r}: another `geodistill sweep` is running its runs ({lock} is locked); "
+            "wait for it to end or stop it (a stopped sweep resumes where it was): two at once "
+            "would train the same runs twice"
+        ) from None
+    return handle
 
 
 def _finished_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -1233,7 +1233,10 @@ def _write_results(
         },
         "comm_mib_per_step": state.get("comm_bytes", 0.0) / max(1, state["step"]) / 2**20,
     }
-    path.write_text(json.dumps(results, indent=2, default=str))
+    # whole or absent: it is the mark of a finished run that resuming trusts (a kill mid-write must
+    # not leave half a file that every later attempt fails to parse)
+    with written_whole(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2, default=str))
 
 
 def distill(cfg: DistillConfig, *, progress: bool = True, callbacks: list | None = None) -> dict[str, Any]:
