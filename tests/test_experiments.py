@@ -248,6 +248,11 @@ NO_ALPHA = {"grid": {"seed": [0]}, "quick": {}}  # for method sets without ${alp
         ({"grid": {**G, "losses.x.weight": [2]}}, "losses is a list; expected an index"),
         ({"grid": {**G, "seed": []}}, "grid.seed: expected a non-empty list"),
         ({"grid": {**G, "train.seed": [1]}}, "grid.train.seed: the same config key"),
+        (
+            {"grid": {**G, "student": [{"label": "s", "num_layers": 2}, {"label": "s", "num_layers": 3}]}},
+            'grid.student: two values show as "s" in the rows',
+        ),
+        ({"grid": {**G, "seed": [0, 1, 0]}}, "grid.seed: two values show as 0"),
         ({"quick": {"grid": {"beta": [1]}}}, "quick.grid.beta: not an axis"),
         ({"quick": {"sett": {}}}, "unknown key quick.sett"),
         ({"quick": {"set": {"train.max_stepz": 1}}}, "unknown key train.max_stepz"),
@@ -278,6 +283,13 @@ NO_ALPHA = {"grid": {"seed": [0]}, "quick": {}}  # for method sets without ${alp
 def test_strict_errors_name_the_key(tmp_path: Path, change: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         expand(parse_sweep(sweep_dict(tmp_path, **change)))
+
+
+def test_the_task_axis_keeps_its_own_column(tmp_path: Path) -> None:
+    """The config key ``task`` (classification or instruction) must not be shown in, or overwrite,
+    the rows' ``task`` column (the data set)."""
+    (run, *_) = expand(parse_sweep(sweep_dict(tmp_path, grid={**G, "task": ["classification"]})))
+    assert run.values["task_type"] == "classification" and run.values["task"] == "rotten_tomatoes"
 
 
 def test_a_placeholder_without_a_value_names_its_run_and_key(tmp_path: Path) -> None:

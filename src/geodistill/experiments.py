@@ -105,7 +105,13 @@ Runner = Callable[[DistillConfig], dict[str, Any]]
 
 _PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
 _NAMED_AXES = {"seed": "train.seed"}  # grid shorthands
-_COLUMN_NAMES = {"train.seed": "seed", "data.split_seed": "split_seed", "data.name": "task"}
+#: the row column of an axis where its last key would not do ("task" is the data set's column)
+_COLUMN_NAMES = {
+    "train.seed": "seed",
+    "data.split_seed": "split_seed",
+    "data.name": "task",
+    "task": "task_type",
+}
 REPLICATE_COLUMNS = ("seed", "split_seed")
 # keys of a row that an axis column must not shadow
 _ROW_FIELDS = {
@@ -462,6 +468,14 @@ def expand(sweep: SweepConfig, *, quick: bool = False) -> list[PlannedRun]:
     other setting axes, methods, and the method's placeholder values."""
     axes = _classify_axes(sweep)
     grid = {**sweep.grid, **(sweep.quick.grid if quick else {})}
+    for key, values in grid.items():  # a row tells its runs apart by these cells
+        shown = [json.dumps(label(v), sort_keys=True, default=str) for v in values]
+        twice = next((v for v in shown if shown.count(v) > 1), None)
+        if twice is not None:
+            where = "quick.grid" if quick and key in sweep.quick.grid else "grid"
+            raise ConfigError(
+                f"{where}.{key}: two values show as {twice} in the rows; give each its own label"
+            )
     root = sweep_dir(sweep, quick=quick)
     path_keys = list(axes.paths)
     treatment = ["method", *(axes.columns[p] for p in axes.placeholders)]
