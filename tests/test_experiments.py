@@ -630,6 +630,31 @@ def test_a_sweep_runs_in_one_process_at_a_time(tmp_path: Path) -> None:
     assert again.skipped == 6 and again.finished == 0
 
 
+def test_rows_of_another_process_count_are_kept_and_named(tmp_path: Path) -> None:
+    """The number of processes is not part of a run's identity (it is how a run is launched), but
+    batch_size is per process: a resumed sweep says how many of its finished rows ran with another
+    count than this launch's, and keeps them."""
+
+    class OnTwo(FakeRunner):
+        def __call__(self, cfg: DistillConfig) -> dict[str, Any]:
+            return {**super().__call__(cfg), "world_size": 2}
+
+    sweep = parse_sweep(sweep_dict(tmp_path, grid={"seed": [0, 1], "alpha": [1]}))
+    run_sweeps([sweep], runner=OnTwo(), progress=False, log=lambda _: None)
+    lines: list[str] = []
+    (again,) = run_sweeps([sweep], runner=FakeRunner(), progress=False, log=lines.append)
+    assert again.skipped == 6 and again.finished == 0
+    assert any("note: 6 finished runs" in x and "launch's 1" in x for x in lines), lines
+    lines.clear()
+    run_sweeps(
+        [parse_sweep(sweep_dict(tmp_path / "one", grid={"seed": [0], "alpha": [1]}))],
+        runner=FakeRunner(),
+        progress=False,
+        log=lines.append,
+    )
+    assert not any("processes" in x for x in lines)
+
+
 def test_cli_runs_a_folder_of_sweeps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from geodistill.cli import main
 

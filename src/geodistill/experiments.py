@@ -816,13 +816,15 @@ def run_sweeps(
                 f"sweeps {sweeps[resolved.index(path)].name!r} and {sweeps[i].name!r} write the same "
                 f"{path}; give each its own output_dir"
             )
-    done, copies, waiting = _divide_work(plans, [read_rows(path) if main_process else [] for path in paths])
+    files = [read_rows(path) if main_process else [] for path in paths]
+    done, copies, waiting = _divide_work(plans, files)
     held = []  # one `geodistill sweep` at a time writes a sweep's runs: two would train each twice
     if main_process:
         writing = {i for runs in waiting.values() for i, _ in runs} | {i for i, _, _ in copies}
         held = [_lock_sweep(paths[i], sweeps[i].name or "") for i in sorted(writing)]
         # rows another process wrote before the locks were ours are not run again
-        done, copies, waiting = _divide_work(plans, [read_rows(path) for path in paths])
+        files = [read_rows(path) for path in paths]
+        done, copies, waiting = _divide_work(plans, files)
     if launched:
         done, waiting = _broadcast_from_rank0((done, waiting), plans[0][0].config if plans[0] else None)
     todo = [runs[0][1] for runs in waiting.values()]
@@ -869,6 +871,15 @@ def run_sweeps(
         if summaries[i].stale:
             log(
                 f"note: {path} also holds {summaries[i].stale} finished runs that this sweep file no longer plans"
+            )
+        # the process count is not part of a run's identity, yet batch_size is per process
+        world = _launched_world_size()
+        other = sum(r.get("status") == "ok" and r.get("world_size") not in (None, world) for r in files[i])
+        if other:
+            log(
+                f"note: {other} finished runs in {path} ran with another number of processes than this "
+                f"launch's {world} (batch_size is per process, so their global batch differs); they "
+                "count as finished: delete their rows to run them again here"
             )
     if main_process:
         for i, run, row in copies:
