@@ -158,13 +158,19 @@ CE_TABLE = [
     ),
     Line(R8, "subset-3", "last layer, CLS", {m: Cell("subset_r8", m, baseline="ce+kd") for m in CE_TERMS}),
 ]
-#: CE + KD + 1 x D on the uniform map's tokens (experiments/ce_layers_tokens)
+#: CE + KD + 1 x D on the uniform map's tokens (experiments/ce_layers_tokens, subset_ce_layers)
 CE_ALPHA1_TABLE = [
     Line(
         RT,
         "narrow",
         "uniform map, every token",
         {m: Cell("ce_layers_tokens", f"{m}-a1", baseline="ce+kd") for m in ("ce+kd+procrustes", "ce+kd+cka")},
+    ),
+    Line(
+        RT,
+        "subset-3",
+        "uniform map, every token",
+        {"ce+kd+procrustes": Cell("subset_ce_layers", "ce+kd+procrustes-a1", baseline="ce+kd")},
     ),
 ]
 
