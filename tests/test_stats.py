@@ -535,6 +535,8 @@ def test_report_writes_markdown_latex_and_figures(tmp_path: Path) -> None:
     assert f"{kd_mean:.2f} ± " in md  # percentages with 2 decimals
     assert re.search(r"paired t-test p = \d\.\d{4}, Wilcoxon p = \d\.\d{4} \(Holm\)", md)
     assert _p_is(3e-7) == "p < 0.0001" and _p_is(0.01234) == "p = 0.0123"  # not "p = <0.0001"
+    assert _p_is(0.04996) == "p = 0.049960" and _p_is(0.05004) == "p = 0.050040"  # not on the line
+    assert _p_is(0.05) == "p = 0.0500"
     tex = paths["latex"].read_text()
     assert (
         r"\begin{tabular}" in tex

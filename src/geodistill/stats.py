@@ -685,9 +685,14 @@ def _num(v: float, signed: bool = False, unit: str = "points") -> str:
 
 
 def _p(v: float) -> str:
+    """Four decimals; more where four would round onto the 0.05 line (p = 0.04996 beside a win
+    must not read 0.0500)."""
     if not math.isfinite(v):
         return "n/a"
-    return "<0.0001" if v < 1e-4 else f"{v:.4f}"
+    if v < 1e-4:
+        return "<0.0001"
+    text = f"{v:.4f}"
+    return f"{v:.6f}" if text == "0.0500" and v != 0.05 else text
 
 
 def _p_is(v: float) -> str:
