@@ -98,6 +98,24 @@ def test_cached_teacher_equals_live_teacher(assets, tmp_path) -> None:
         assert torch.allclose(live.features[k], cached.features[k], atol=1e-5)
 
 
+def test_teacher_cache_tells_subsamples_of_a_published_split_apart(assets, tmp_path) -> None:
+    """The test data's splits are published, so a subsample's description does not name its
+    split_seed: the cache must still give each seed's run its own examples' teacher outputs (it
+    gave seed 1 the outputs of seed 0's examples)."""
+    runs = [
+        setup(
+            make_cfg(assets, tmp_path / f"s{seed}", "data.max_train=20", f"data.split_seed={seed}"),
+            progress=False,
+        )
+        for seed in (0, 1)
+    ]
+    assert runs[0].task.data.description == runs[1].task.data.description  # the words agree
+    for r in runs:
+        batch = r.task.collate([r.task.dataset("train")[i] for i in range(8)])
+        live = r.task.forward(r.teacher, batch, [], teacher=True).logits
+        assert torch.allclose(live, r.teacher_cache.lookup(batch, [], torch.device("cpu")).logits, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "losses",
     [

@@ -55,7 +55,7 @@ from geodistill.data.instructions import InstructionData, format_prompt
 from geodistill.evaluate import exact_match, rouge_l
 from geodistill.features import pool
 from geodistill.losses import LossTerm
-from geodistill.tasks import Outputs, Tap, map_fingerprint
+from geodistill.tasks import Outputs, Tap, map_fingerprint, rows_hash
 
 __all__ = [
     "GREEDY",
@@ -489,6 +489,7 @@ class InstructionTask:
             "data": self.data.name,
             "description": self.data.description,
             "n_train": len(self.data.splits["train"]),
+            "train_rows": rows_hash(self.data.splits["train"]),
             "max_length": self.max_length,
             "max_prompt_length": self.max_prompt_length,
             "tokenizer": type(self.tokenizer).__name__,

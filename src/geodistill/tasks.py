@@ -59,6 +59,16 @@ def map_fingerprint(ds: Any, encode: Any, tokenizers: Iterable[Any], **settings:
     return Hasher.hash([ds._fingerprint, encode.__code__, [_tokenizer_hash(t) for t in tokenizers], settings])
 
 
+def rows_hash(ds: Any) -> str:
+    """A digest of what a split holds (every column, in row order): two splits that a seed or a
+    subsample drew differently differ here even where their descriptions agree (a published split
+    subsampled with another ``split_seed`` says the same words)."""
+    h = hashlib.sha256()
+    for col in sorted(ds.column_names):
+        h.update(json.dumps([col, ds[col]], default=str).encode())
+    return h.hexdigest()[:16]
+
+
 _TOKENIZER_HASHES: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
@@ -212,6 +222,7 @@ class ClassificationTask:
             "data": self.data.name,
             "description": self.data.description,
             "n_train": len(self.data.splits["train"]),
+            "train_rows": rows_hash(self.data.splits["train"]),
             "max_length": self.max_length,
             "tokenizer": type(self.tokenizer).__name__,
             "vocab": len(self.teacher_tokenizer or self.tokenizer),
