@@ -171,6 +171,38 @@ def test_accumulation_is_exact(assets, tmp_path, losses: str) -> None:
     assert max((wa[k] - init[k]).abs().max().item() for k in wa) > 1e-3
 
 
+def test_accumulated_batch_terms_see_the_features_they_train(assets, tmp_path) -> None:
+    """With micro-batches, the batch-coupled terms' gradient is taken in a pass without grad and
+    fed back in pass 2: that pass must run the student once per micro-batch (not once per tap) and,
+    dropout on, see the very features pass 2 recomputes for every tap."""
+    cfg = make_cfg(
+        assets,
+        tmp_path / "run",
+        "losses=[{name: kd}, {name: procrustes, pooling: mean}, {name: cka, pooling: cls}]",
+        "train.max_steps=1",
+        "train.batch_size=4",
+        "train.grad_accum=2",
+        teacher=TEACHER,
+    )
+    r = setup(cfg, progress=False)
+    assert r.student.model.config.hidden_dropout_prob > 0
+    taps = r.objective.coupled_student_taps()
+    assert len(taps) == 2
+    calls: list[tuple[bool, dict]] = []
+    r.student.register_forward_hook(
+        lambda mod, args, out: calls.append(
+            (torch.is_grad_enabled(), {k: out.features[k].detach().clone() for k in taps})
+        )
+    )
+    train(r, progress=False)
+    first = [f for grad, f in calls if not grad][:2]
+    second = [f for grad, f in calls if grad]
+    assert len(second) == 2 and len([c for c in calls[:4] if not c[0]]) == 2  # 2 + 2 forwards
+    for p1, p2 in zip(first, second, strict=True):
+        for k in taps:
+            assert torch.equal(p1[k], p2[k]), k
+
+
 def test_resume_is_bit_identical(assets, tmp_path) -> None:
     # dropout on: the RNG state must be restored too, not just the weights
     common = [

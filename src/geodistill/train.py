@@ -1028,8 +1028,11 @@ def _step(
     feature_grads: list[dict[Tap, Tensor]] | None = None
     if objective.coupled and len(group) > 1:
         rng = _rng_state()
+        feats: list[dict[Tap, Tensor]] = []
         with torch.no_grad(), acc.autocast():
-            feats = [{k: _up(student(mb).features[k].detach()) for k in taps} for mb in group]
+            for mb in group:  # one forward per micro-batch, in pass 2's order: the same dropout draws
+                out = student(mb)
+                feats.append({k: _up(out.features[k].detach()) for k in taps})
         _set_rng_state(rng)
         leaves = {k: torch.cat([f[k] for f in feats]).requires_grad_(True) for k in taps}
         t_feats = {k: torch.cat([t.features[k] for t in t_outs]) for k in objective.teacher_taps()}
