@@ -154,8 +154,11 @@ def test_loss_falls_when_overfitting_one_batch(assets, tmp_path, losses: str) ->
     [
         "[{name: ce}, {name: kd, temperature: 2.0}]",
         "[{name: kd, temperature: 2.0}, {name: procrustes, pooling: tokens}, {name: gram}, {name: cka, pooling: mean}, {name: pkd}]",
+        # a feature term on every token averages over tokens, not examples: micro-batches with
+        # more tokens weigh more
+        "[{name: ce}, {name: kd, temperature: 2.0}, {name: pkd, pooling: tokens}, {name: proj_mse, pooling: tokens}]",
     ],
-    ids=["per-example terms", "batch-coupled terms"],
+    ids=["per-example terms", "batch-coupled terms", "per-token feature terms"],
 )
 def test_accumulation_is_exact(assets, tmp_path, losses: str) -> None:
     # float64 so that the comparison is not swamped by Adam amplifying float32 summation-order noise

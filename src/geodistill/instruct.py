@@ -356,6 +356,11 @@ class InstructionTask:
         """Units the per-token losses average over: answer tokens (known before any forward pass)."""
         return int(_answer_mask(batch["labels"]).sum())
 
+    def sample_rows(self, batch: dict[str, Tensor], pooling: str) -> int:
+        """Rows of a ``pooling`` sample matrix of ``batch``: its answer tokens for ``tokens``, else
+        one per example."""
+        return self.count(batch) if pooling == "tokens" else int(batch["labels"].shape[0])
+
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
         """Right-pad rows into ``input_ids``, ``attention_mask``, ``labels`` (B, T) and ``idx`` (B,)."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

@@ -150,6 +150,11 @@ class ClassificationTask:
         """Units the per-example losses average over: examples."""
         return int(batch["labels"].shape[0])
 
+    def sample_rows(self, batch: dict[str, Tensor], pooling: str) -> int:
+        """Rows of the student's ``pooling`` sample matrix of ``batch``: its valid tokens for
+        ``tokens``, else one per example."""
+        return int(batch["attention_mask"].sum()) if pooling == "tokens" else self.count(batch)
+
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
         """Pad a list of tokenised rows into tensors (right padding)."""
         out: dict[str, Tensor] = {

@@ -155,6 +155,18 @@ class Objective:
             {(s, term.options["pooling"]) for term in self.coupled for s, _ in self.pairs[term.key]}
         )
 
+    def units(self, task: Any, batch: dict[str, Tensor]) -> dict[str, int]:
+        """The units each decomposable term of :meth:`per_example` averages over in ``batch``: the
+        task's count for ce and kd (examples, or answer tokens), the rows of its sample matrix for
+        a feature term (valid tokens with ``tokens`` pooling, else examples). Known before any
+        forward pass, so micro-batches and ranks weigh each term exactly."""
+        count = task.count(batch)
+        return {
+            term.key: count if term.name in ("ce", "kd") else task.sample_rows(batch, term.options["pooling"])
+            for term in self.terms
+            if not term.spec.coupled
+        }
+
     def per_example(self, s: Outputs, t: Outputs | None) -> dict[str, Tensor]:
         """Unweighted values of the decomposable terms, each a mean over ``s.count`` units."""
         values = {}
@@ -1010,16 +1022,17 @@ def _step(
     values and the gradient norm (before clipping)."""
     t_outs = [teacher_outputs(mb) for mb in group]
     taps = objective.coupled_student_taps()
-    counts = [task.count(mb) for mb in group]
-    total_count = sum(counts)
-    # per-example terms average over the units (examples or answer tokens) of the whole step; DDP
-    # averages gradients over ranks, hence the world size over the global count
-    global_count = float(total_count)
-    if acc.num_processes > 1:
-        n = torch.tensor([global_count], device=acc.device, dtype=torch.float64)
+    # each per-example term averages over its units (examples, answer tokens or valid tokens) of
+    # the whole step; DDP averages gradients over ranks, hence the world size over the global count
+    units = [objective.units(task, mb) for mb in group]
+    keys = list(units[0])
+    totals = {k: float(sum(u[k] for u in units)) for k in keys}
+    global_totals = dict(totals)
+    if acc.num_processes > 1 and keys:
+        n = torch.tensor([totals[k] for k in keys], device=acc.device, dtype=torch.float64)
         torch.distributed.all_reduce(n)
-        global_count = float(n)
-    share = acc.num_processes / global_count
+        global_totals = dict(zip(keys, n.tolist(), strict=True))
+    shares = {k: acc.num_processes / global_totals[k] for k in keys}
     values: dict[str, float] = {}
 
     # 1) With several micro-batches, the batch-coupled terms are evaluated once on the whole step's
@@ -1050,7 +1063,8 @@ def _step(
             with acc.autocast():
                 s_out = student(mb)
                 per = objective.per_example(s_out, t_out)
-                loss = objective.total(per, step) * (counts[i] * share) if per else 0.0
+                weighted = {k: v * (units[i][k] * shares[k]) for k, v in per.items()}
+                loss = objective.total(weighted, step) if per else 0.0
                 if feature_grads is not None:
                     # a surrogate whose gradient w.r.t. these features is the whole-step gradient
                     loss = loss + sum((_up(s_out.features[k]) * feature_grads[i][k]).sum() for k in taps)
@@ -1062,7 +1076,7 @@ def _step(
                     values.update({k: float(v.detach()) for k, v in coupled_vals.items()})
             acc.backward(loss)
         for k, v in per.items():
-            values[k] = values.get(k, 0.0) + float(v.detach()) * counts[i] / total_count
+            values[k] = values.get(k, 0.0) + float(v.detach()) * units[i][k] / totals[k]
     grad_norm = par.clip(student, cfg.max_grad_norm)
     if all(math.isfinite(v) for v in values.values()) and (
         math.isfinite(grad_norm) or _scaler(acc) is not None
