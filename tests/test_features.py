@@ -22,10 +22,19 @@ from geodistill.features import pool, resolve_layer_pairs
         (2, 3, ((1, 2), (2, 3))),  # 1.5 -> 2
         (4, 4, ((1, 1), (2, 2), (3, 3), (4, 4))),
         (6, 4, ((1, 1), (2, 1), (3, 2), (4, 3), (5, 3), (6, 4))),  # a deeper student: 0.67, 2, 2.67, 3.33
+        # over twice as deep: 1/3 rounds to 0, the embeddings; the first layer instead
+        (6, 2, ((1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (6, 2))),
     ],
 )
 def test_uniform_map(n_student: int, n_teacher: int, pairs) -> None:
     assert resolve_layer_pairs("uniform", n_student, n_teacher) == pairs
+
+
+def test_a_model_without_layers_is_named() -> None:
+    with pytest.raises(
+        ValueError, match=r"losses\[0\]\.layers: student and teacher need at least one layer, got 0 and 6"
+    ):
+        resolve_layer_pairs("uniform", 0, 6, where="losses[0].layers")
 
 
 def test_last_and_explicit_pairs() -> None:

@@ -32,7 +32,8 @@ def resolve_layer_pairs(
       Python's ``round`` (half to even): PKD's "skip" map (Sun et al. 2019), which for
       ``L_t = k * L_s`` is ``i -> k * i`` and always ends at the last layers. Where ``i * L_t / L_s``
       falls half-way it goes to the even layer: 4 student layers on 6 give 2, 3, 4, 6 (ceil would
-      give 2, 3, 5, 6; floor 1, 3, 4, 6). Kept so because recorded experiments used it.
+      give 2, 3, 5, 6; floor 1, 3, 4, 6). Kept so because recorded experiments used it. Never 0:
+      a student more than twice as deep as its teacher pairs its first layers with layer 1.
     * a list of ``[s, t]`` pairs: explicit indices in ``0..L``, or negative ones counting from
       the end (``-1`` = ``L``, ``-(L + 1)`` = 0), returned non-negative.
 
@@ -40,8 +41,14 @@ def resolve_layer_pairs(
     """
     if spec is None or spec == "last":
         return ((n_student, n_teacher),)
+    if n_student < 1 or n_teacher < 1:
+        raise ValueError(
+            f"{where}: student and teacher need at least one layer, got {n_student} and {n_teacher}"
+        )
     if spec == "uniform":
-        return tuple((i, round(i * n_teacher / n_student)) for i in range(1, n_student + 1))
+        # max(1, .): a student more than twice as deep as its teacher maps its first layers to the
+        # teacher's first layer, not to the embeddings (index 0)
+        return tuple((i, max(1, round(i * n_teacher / n_student))) for i in range(1, n_student + 1))
     if isinstance(spec, str) or not isinstance(spec, Sequence):
         raise ValueError(
             f"{where}: expected 'last', 'uniform' or a list of [student, teacher] pairs, got {spec!r}"
