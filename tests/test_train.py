@@ -79,6 +79,7 @@ def test_teacher_frozen_student_trained(assets, tmp_path, cache: bool) -> None:
     results = train(r, progress=False)
     assert all(torch.equal(v, r.teacher.state_dict()[k]) for k, v in teacher_before.items())
     assert not any(p.requires_grad for p in r.teacher.parameters())
+    assert not r.teacher.training  # eval mode: no dropout in its outputs, live or cached
     changed = [k for k, v in weights(r.student.model).items() if not torch.equal(v, student_before[k])]
     assert len(changed) > 0.9 * len(student_before)
     assert results["steps"] == 6 and set(results["test"]) >= {"accuracy"}
