@@ -164,7 +164,10 @@ CE_ALPHA1_TABLE = [
         RT,
         "narrow",
         "uniform map, every token",
-        {m: Cell("ce_layers_tokens", f"{m}-a1", baseline="ce+kd") for m in ("ce+kd+procrustes", "ce+kd+cka")},
+        {
+            m: Cell("ce_layers_tokens", f"{m}-a1", baseline="ce+kd")
+            for m in ("ce+kd+procrustes", "ce+kd+gram", "ce+kd+cka")
+        },
     ),
     Line(
         RT,

@@ -720,7 +720,7 @@ def test_every_shipped_config_loads() -> None:
         ("tokens_mse_delay", 120, 120),
         ("student_geometry", 40, 40),
         ("ce_tokens", 240, 240),
-        ("ce_layers_tokens", 240, 180),
+        ("ce_layers_tokens", 240, 240),
         ("ce_geometry", 50, 50),
         ("subset_ce_layers", 180, 120),
         ("cls_alpha", 52, 52),
