@@ -1195,8 +1195,18 @@ def sweep_main(
         files = [read_rows(sweep_dir(sweep, quick=quick) / "results.jsonl") for sweep in sweeps]
         dones, copies, _ = _divide_work(plans, files)
         for i, (sweep, plan, rows, done) in enumerate(zip(sweeps, plans, files, dones, strict=True)):
-            copied = {run.config_hash: row.get("sweep") or "?" for j, run, row in copies if j == i}
-            failed = {r.get("config_hash") for r in rows if r.get("status") == "error"} - done
+            # the sweep that ran it (a copy of a copy names the first), as the copied row will say
+            copied = {
+                run.config_hash: row.get("reused_from") or row.get("sweep") or "?"
+                for j, run, row in copies
+                if j == i
+            }
+            former = {h: run.config_hash for run in plan for h in run.former_hashes}
+            failed = {
+                former.get(r.get("config_hash"), r.get("config_hash"))
+                for r in rows
+                if r.get("status") == "error"
+            } - done
             finished = sum(run.config_hash in done for run in plan)
             print(
                 f"sweep {sweep.name}: {len(plan)} runs planned, {finished} finished, "
