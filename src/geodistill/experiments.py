@@ -822,9 +822,9 @@ def run_sweeps(
     if main_process:
         writing = {i for runs in waiting.values() for i, _ in runs} | {i for i, _, _ in copies}
         held = [_lock_sweep(paths[i], sweeps[i].name or "") for i in sorted(writing)]
-        # rows another process wrote before the locks were ours are not run again
-        files = [read_rows(path) for path in paths]
-        done, copies, waiting = _divide_work(plans, files)
+        if held:  # rows another process wrote before the locks were ours are not run again
+            files = [read_rows(path) for path in paths]
+            done, copies, waiting = _divide_work(plans, files)
     if launched:
         done, waiting = _broadcast_from_rank0((done, waiting), plans[0][0].config if plans[0] else None)
     todo = [runs[0][1] for runs in waiting.values()]
@@ -836,6 +836,7 @@ def run_sweeps(
         return functools.partial(_measured, runner, settings) if settings else runner
 
     summaries = []
+    world = _launched_world_size()
     for i, (sweep, plan, path) in enumerate(zip(sweeps, plans, paths, strict=True)):
         planned = {run.config_hash for run in plan}
         summaries.append(
@@ -873,7 +874,6 @@ def run_sweeps(
                 f"note: {path} also holds {summaries[i].stale} finished runs that this sweep file no longer plans"
             )
         # the process count is not part of a run's identity, yet batch_size is per process
-        world = _launched_world_size()
         other = sum(r.get("status") == "ok" and r.get("world_size") not in (None, world) for r in files[i])
         if other:
             log(
@@ -991,6 +991,18 @@ def _finished_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {r.get("config_hash"): r for r in rows if r.get("status") == "ok"}
 
 
+def _under_current_hashes(
+    plans: list[list[PlannedRun]], files: list[list[dict[str, Any]]]
+) -> list[list[dict[str, Any]]]:
+    """The rows with each ``config_hash`` an older version wrote for a planned run replaced by that
+    run's current hash: such a row counts as the run's."""
+    former = {h: run.config_hash for plan in plans for run in plan for h in run.former_hashes}
+    return [
+        [{**r, "config_hash": former.get(r.get("config_hash"), r.get("config_hash"))} for r in rows]
+        for rows in files
+    ]
+
+
 def _divide_work(
     plans: list[list[PlannedRun]], files: list[list[dict[str, Any]]]
 ) -> tuple[
@@ -999,12 +1011,7 @@ def _divide_work(
     """What each sweep (its plan, the rows of its results.jsonl) has and lacks: the hashes it has
     finished; the runs another sweep finished, to copy (sweep index, run, that row); and the runs to
     do, by hash, each with every (sweep index, run) that plans it, the first of which runs it."""
-    # a row an older version wrote under another hash of a planned run counts as that run's
-    former = {h: run.config_hash for plan in plans for run in plan for h in run.former_hashes}
-    files = [
-        [{**r, "config_hash": former.get(r.get("config_hash"), r.get("config_hash"))} for r in rows]
-        for rows in files
-    ]
+    files = _under_current_hashes(plans, files)
     done = [set(_finished_rows(rows)) for rows in files]
     finished = {h: r for rows in files for h, r in _finished_rows(rows).items()}
     copies: list[tuple[int, PlannedRun, dict[str, Any]]] = []
@@ -1194,19 +1201,15 @@ def sweep_main(
         plans = [expand(sweep, quick=quick) for sweep in sweeps]
         files = [read_rows(sweep_dir(sweep, quick=quick) / "results.jsonl") for sweep in sweeps]
         dones, copies, _ = _divide_work(plans, files)
-        for i, (sweep, plan, rows, done) in enumerate(zip(sweeps, plans, files, dones, strict=True)):
+        current = _under_current_hashes(plans, files)
+        for i, (sweep, plan, rows, done) in enumerate(zip(sweeps, plans, current, dones, strict=True)):
             # the sweep that ran it (a copy of a copy names the first), as the copied row will say
             copied = {
                 run.config_hash: row.get("reused_from") or row.get("sweep") or "?"
                 for j, run, row in copies
                 if j == i
             }
-            former = {h: run.config_hash for run in plan for h in run.former_hashes}
-            failed = {
-                former.get(r.get("config_hash"), r.get("config_hash"))
-                for r in rows
-                if r.get("status") == "error"
-            } - done
+            failed = {r.get("config_hash") for r in rows if r.get("status") == "error"} - done
             finished = sum(run.config_hash in done for run in plan)
             print(
                 f"sweep {sweep.name}: {len(plan)} runs planned, {finished} finished, "

@@ -168,7 +168,7 @@ class Objective:
         }
 
     def per_example(self, s: Outputs, t: Outputs | None) -> dict[str, Tensor]:
-        """Unweighted values of the decomposable terms, each a mean over ``s.count`` units."""
+        """Unweighted values of the decomposable terms, each a mean over its units (:meth:`units`)."""
         values = {}
         for term in self.terms:
             if term.spec.coupled:
