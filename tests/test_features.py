@@ -100,9 +100,9 @@ def test_padding_never_counts(pooling: str) -> None:
     torch.testing.assert_close(pool(padded, padded_mask, pooling), pool(hidden, mask, pooling))
 
 
-@pytest.mark.parametrize("pooling", ["mean", "last", "tokens"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last", "tokens"])
 def test_left_padding_pools_the_same_vectors(pooling: str) -> None:
-    """Decoder batches pad on the left: mean, last and tokens find the same valid positions."""
+    """Decoder batches pad on the left: every pooling finds the same valid positions."""
     hidden, mask = batch()
     left, left_mask = torch.zeros_like(hidden), torch.zeros_like(mask)
     for i, n in enumerate(mask.sum(1).tolist()):

@@ -86,7 +86,8 @@ def pool(hidden: Tensor, mask: Tensor, pooling: str) -> Tensor:
     """Sample matrix from one layer's hidden states.
 
     ``hidden`` (B, T, d), ``mask`` (B, T) bool (True = a valid position). Returns:
-    ``cls`` (B, d): position 0; ``mean`` (B, d): mean over valid positions; ``last`` (B, d): the
+    ``cls`` (B, d): the first valid position (position 0 under right padding, where BERT-style
+    models put [CLS]; the first token after left padding in a decoder batch); ``mean`` (B, d): mean over valid positions; ``last`` (B, d): the
     last valid position (right or left padding); ``tokens`` (N, d): every valid position of the
     batch, N = mask.sum(), in row-major order (so student and teacher rows match when both use
     the same tokenisation and mask).
@@ -96,15 +97,18 @@ def pool(hidden: Tensor, mask: Tensor, pooling: str) -> Tensor:
             f"pool: hidden must be (B, T, d) and mask (B, T), got {tuple(hidden.shape)} and {tuple(mask.shape)}"
         )
     mask = mask.bool()
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
     if pooling == "cls":
-        return hidden[:, 0]
+        t = torch.arange(mask.shape[1], device=mask.device)
+        first = torch.where(mask, t, mask.shape[1]).amin(1).clamp_max(mask.shape[1] - 1)
+        return hidden[rows, first]
     if pooling == "mean":
         w = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
         return (hidden * w).sum(1) / w.sum(1).clamp_min(1)
     if pooling == "last":
         t = torch.arange(mask.shape[1], device=mask.device)
         last = torch.where(mask, t, -1).amax(1).clamp_min(0)  # (B,) index of the last valid position
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return hidden[rows, last]
     if pooling == "tokens":
         return hidden[mask]
     raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
