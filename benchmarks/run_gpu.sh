@@ -14,5 +14,5 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 timeout 180 python3 benchmarks/opt_step.py --out "$out/opt-step-$card.md" 2>&1 | tail -n 20
 timeout 200 python3 benchmarks/geometry.py --device cuda --repeats 7 --out "$out/geometry-$card.md" 2>&1 | tail -n 60
-timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_geometry.py -k "cuda or without_float64" 2>&1 | tee "$out/pytest-cuda-$card.txt" | tail -n 15
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_geometry.py tests/test_similarity.py -k "cuda or without_float64" 2>&1 | tee "$out/pytest-cuda-$card.txt" | tail -n 15
 timeout 120 python3 benchmarks/profile_gpu.py 2>&1 | tee "$out/profile-$card.txt" | head -n 8

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -117,3 +119,15 @@ def test_pool_rejects_bad_shapes_and_names() -> None:
         pool(hidden, mask, "max")
     with pytest.raises(ValueError, match=r"hidden must be \(B, T, d\) and mask \(B, T\)"):
         pool(hidden, mask[:, :3], "cls")
+
+
+def test_mean_pooling_sums_half_precision_without_overflow_and_ignores_nan_padding() -> None:
+    """float16 hidden states of size 200 over 512 tokens sum past float16's largest value
+    (65504) though their mean is 200; and a NaN behind the mask stays out of the mean."""
+    hidden = torch.full((2, 512, 4), 200.0, dtype=torch.float16)
+    mask = torch.ones(2, 512, dtype=torch.bool)
+    mask[1, 300:] = False
+    hidden[1, 400] = math.nan
+    got = pool(hidden, mask, "mean")
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, torch.full((2, 4), 200.0, dtype=torch.float16))

@@ -901,3 +901,47 @@ def test_a_device_without_float64_keeps_float64_on_the_cpu(monkeypatch, method: 
             "1e20",
         )
         assert torch.isfinite(normalize(xs)).all() and center(xs).device.type == "cuda"
+
+
+def test_centring_over_processes_when_one_holds_no_rows() -> None:
+    """A data-parallel shard may hold no rows (geodistill.distributed's stats route sends them
+    through ``_centre``). Two in-process "ranks" with an all-reduce of their own: with an input far
+    outside the scale window (every decision then takes the largest entry), the rank with no rows
+    must take part in every reduction, and the one with the rows must get the one-process result."""
+    import threading
+
+    from geodistill.geometry import _centre_values
+
+    x = 1e15 * torch.randn(7, 3, generator=torch.Generator().manual_seed(0))  # float32: window 2^40
+    shards = [x, x[:0]]
+    barrier, slots, out = threading.Barrier(2, timeout=20), [None, None], [None, None]
+
+    def reduce_for(rank: int):
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            slots[rank] = t
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+
+        return reduce
+
+    def work(rank: int) -> None:
+        try:
+            out[rank] = _centre_values(shards[rank], "x", reduce_for(rank), rows=7)
+        except Exception as e:
+            out[rank] = e
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not isinstance(out[1], Exception), out[1]
+    assert not isinstance(out[0], Exception), out[0]
+    xc, sq, k = out[0]
+    xc1, sq1, k1 = _centre_values(x.clone(), "x", None, rows=7)
+    assert k == k1 != 0 and out[1][2] == k
+    torch.testing.assert_close(xc, xc1, rtol=0, atol=0)
+    torch.testing.assert_close(sq, sq1, rtol=0, atol=0)

@@ -174,3 +174,24 @@ def test_a_term_ramps_its_weight_over_its_warmup_steps() -> None:
     for bad in (-1, 2.0, False):
         with pytest.raises(ValueError, match=r"losses\[0\]\.start_step must be a whole number of steps >= 0"):
             resolve_losses([LossConfig(name="gram", start_step=bad)])
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kd_with_minus_inf_logits_is_finite_and_exact(logits, direction: str) -> None:
+    """A class with a -inf logit (a masked vocabulary entry) has probability 0: it adds nothing
+    to KL(p || q) where p gives it 0, and the loss equals KD over the other classes."""
+    s, t = (x.double() for x in logits)
+    s[:, 0] = t[:, 0] = -math.inf  # masked in both: every direction is finite
+    t[:, 1] = -math.inf  # the teacher alone rules out class 1: KL(p_t || p_s) stays finite
+    if direction == "reverse":  # the student alone rules it out instead
+        s[:, 1], t[:, 1] = -math.inf, logits[1][:, 1].double()
+    s.requires_grad_(True)
+    loss = kd_loss(s, t, temperature=2.0, direction=direction)
+    p, q = (s.detach(), t) if direction == "reverse" else (t, s.detach())
+    kept = torch.ones(5, dtype=torch.bool)
+    kept[[0, 1]] = False
+    pp, qq = softmax64(p[:, kept], 2.0), softmax64(q, 2.0)[:, kept]
+    expected = 4 * (pp * (pp.log() - qq.log())).sum(-1).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    loss.backward()
+    assert torch.isfinite(s.grad).all()

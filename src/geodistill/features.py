@@ -103,8 +103,11 @@ def pool(hidden: Tensor, mask: Tensor, pooling: str) -> Tensor:
         first = torch.where(mask, t, mask.shape[1]).amin(1).clamp_max(mask.shape[1] - 1)
         return hidden[rows, first]
     if pooling == "mean":
-        w = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-        return (hidden * w).sum(1) / w.sum(1).clamp_min(1)
+        # padding filled with 0 (a NaN or inf behind the mask stays out); the sum in at least
+        # float32, so a float16 model's few hundred tokens of size 1e2 do not overflow to inf
+        valid = hidden.masked_fill(~mask.unsqueeze(-1), 0)
+        total = valid.sum(1, dtype=torch.promote_types(hidden.dtype, torch.float32))
+        return (total / mask.sum(1, keepdim=True).clamp_min(1)).to(hidden.dtype)
     if pooling == "last":
         t = torch.arange(mask.shape[1], device=mask.device)
         last = torch.where(mask, t, -1).amax(1).clamp_min(0)  # (B,) index of the last valid position

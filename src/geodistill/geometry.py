@@ -242,7 +242,8 @@ def _centre_values(
         if float(bad) > 0:
             raise _nonfinite_error(x, name)
         return _prescaled_centre(x, name, reduce, rows, prescaled)  # the shifted sums overflowed
-    big = torch.linalg.vector_norm(xc, ord=math.inf)
+    # a process with no rows takes part with 0 (the inf norm of an empty tensor raises)
+    big = torch.linalg.vector_norm(xc, ord=math.inf) if xc.numel() else xc.new_zeros(())
     if reduce is not None:
         big = total(_as_f64(big))  # a sum of the processes' largest entries: one power of two for all
     big = float(big)

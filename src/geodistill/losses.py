@@ -53,9 +53,12 @@ def _kl_rows(s: Tensor, t: Tensor, temperature: float, reverse: bool) -> Tensor:
     """Per-row KL between tempered distributions of float32 logit rows ``s``, ``t`` (N, V) -> (N,)."""
     log_ps = F.log_softmax(_up(s) / temperature, dim=-1)
     log_pt = F.log_softmax(_up(t).to(_up(s).dtype) / temperature, dim=-1)
-    if reverse:  # KL(p_s || p_t)
-        return (log_ps.exp() * (log_ps - log_pt)).sum(-1)
-    return (log_pt.exp() * (log_pt - log_ps)).sum(-1)  # KL(p_t || p_s)
+    log_p, log_q = (log_ps, log_pt) if reverse else (log_pt, log_ps)  # KL(p || q)
+    # a class p gives probability 0 (a -inf logit: a masked vocabulary entry) contributes 0, not
+    # 0 * inf = NaN; filled before the product so that its gradient is 0, not NaN, too
+    zero = log_p.isneginf()
+    log_p = log_p.masked_fill(zero, 0.0)
+    return torch.where(zero, 0.0, log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def kd_loss(

@@ -36,18 +36,19 @@ def hidden_states(
     one ``(samples, width)`` tensor per hidden-state index (0 = embeddings). ``teacher`` reads the
     teacher's inputs where the task tokenises them apart."""
     model.eval()
+    device = next(model.parameters()).device  # the batches are built on the CPU
     per_layer: list[list[torch.Tensor]] | None = None
     loader = DataLoader(task.dataset(split), batch_size=batch_size, shuffle=False, collate_fn=task.collate)
     for batch in loader:
         prefix = "t_" if teacher and task.separate_teacher_inputs else ""
         inputs = {
-            k: batch[prefix + k]
+            k: batch[prefix + k].to(device)
             for k in ("input_ids", "attention_mask", "token_type_ids")
             if prefix + k in batch
         }
         hs = model(**inputs, output_hidden_states=True).hidden_states
         mask = inputs["attention_mask"].bool()
-        pooled = [pool(h, mask, pooling).double() for h in hs]
+        pooled = [pool(h, mask, pooling).double().cpu() for h in hs]
         per_layer = (
             [[p] for p in pooled]
             if per_layer is None
