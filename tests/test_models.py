@@ -283,6 +283,11 @@ def test_layer_subset_keeps_exactly_the_chosen_layers(arch: str, tmp_path: Path)
     assert all(p.requires_grad for p in student.parameters())
     assert not any(p.requires_grad for p in teacher.parameters())
     assert num_layers(student) == num_layers(student.config) == 3
+    # every module that holds a config holds the student's (attention modules keep one)
+    held = [
+        m.config for m in student.modules() if isinstance(getattr(m, "config", None), type(student.config))
+    ]
+    assert held and all(c is student.config for c in held)
     idx = [m.layer_idx for m in transformer_layers(student).modules() if hasattr(m, "layer_idx")]
     assert sorted(set(idx)) == ([0, 1, 2] if idx else [])
     if arch == "qwen2":

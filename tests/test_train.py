@@ -399,12 +399,22 @@ def test_unknown_config_key(assets, tmp_path) -> None:
         ("losses.1.layers=[[5, 1]]", r"student layer 5 is out of range"),
         ("losses.0.temperature=0", r"losses\[0\]\.temperature must be > 0"),
         ("student.num_heads=3", r"student: .*(divis|divide)"),
+        (
+            "data.max_length=100",
+            r"data\.max_length: 100 tokens is more than the student reads \(64, its position embeddings\)",
+        ),
     ],
 )
 def test_bad_objective_stops_before_training(assets, tmp_path, override: str, match: str) -> None:
     with pytest.raises((ConfigError, ValueError), match=match):
         setup(make_cfg(assets, tmp_path / "run", override), progress=False)
     assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_an_unknown_split_is_named(assets, tmp_path) -> None:
+    task = setup(make_cfg(assets, tmp_path / "run"), progress=False).student.task
+    with pytest.raises(ValueError, match=r"split 'validation': the data has 'train', 'dev', 'test'"):
+        task.dataset("validation")
 
 
 @pytest.mark.parametrize(

@@ -582,7 +582,10 @@ def layer_subset_student(teacher: PreTrainedModel, layers: Sequence[int]) -> Pre
         student = copy.deepcopy(teacher)
     finally:
         setattr(parent, attr, blocks)
-    new_blocks = nn.ModuleList(copy.deepcopy(blocks[i]) for i in keep)
+    # blocks that hold the model's config (attention modules do) get the student's, not a copy
+    # of the teacher's that would still say the teacher's layer count
+    memo = {id(teacher.config): student.config}
+    new_blocks = nn.ModuleList(copy.deepcopy(blocks[i], memo) for i in keep)
     for new_index, block in enumerate(new_blocks):
         for module in block.modules():
             if hasattr(module, "layer_idx"):  # the KV-cache slot: must match the block's new position

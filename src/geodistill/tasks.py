@@ -117,6 +117,8 @@ class ClassificationTask:
     def dataset(self, split: str) -> Any:
         """Tokenised split with columns input_ids, attention_mask[, token_type_ids], labels, idx."""
         if split not in self._tokenized:
+            if split not in self.data.splits:
+                raise ValueError(f"split {split!r}: the data has {', '.join(map(repr, self.data.splits))}")
             ds = self.data.splits[split]
             ds = ds.add_column("idx", list(range(len(ds))))
 

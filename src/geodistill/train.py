@@ -572,6 +572,11 @@ def setup(
         num_labels=num_labels,
     )
     tokenizer = models.load_tokenizer(cfg.student.name) if cfg.student.init == "pretrained" else teacher_tok
+    _check_max_length(
+        cfg.data.max_length,
+        student=(student_model.config, tokenizer),
+        teacher=(teacher_arch, teacher_tok) if has_teacher else None,
+    )
     task = ClassificationTask(data, tokenizer, teacher_tok if has_teacher else None, cfg.data.max_length)
 
     # feature taps: layer pairs checked against both models
@@ -646,6 +651,24 @@ def cached_taps(taps: list[Tap], teacher: nn.Module, n_examples: int) -> list[Ta
         return list(taps)
     everything = {(layer, p) for layer in range(layers) for p in ("cls", "mean")} | set(taps)
     return sorted(everything)
+
+
+def _check_max_length(max_length: int, *, student: tuple[Any, Any], teacher: tuple[Any, Any] | None) -> None:
+    """``data.max_length`` within what each model can read: its position embeddings and its
+    tokenizer's ``model_max_length`` (a ConfigError naming the key, before any fine-tune; past
+    the limit the first long batch fails inside the model's embeddings)."""
+    models_ = {"student": student, **({"teacher": teacher} if teacher is not None else {})}
+    for who, (config, tokenizer) in models_.items():
+        limits = {
+            "position embeddings": getattr(config, "max_position_embeddings", None),
+            "tokenizer's model_max_length": getattr(tokenizer, "model_max_length", None),
+        }
+        for what, limit in limits.items():
+            # transformers says 1e30 for "no limit"
+            if isinstance(limit, int) and 0 < limit < 10**9 and max_length > limit:
+                raise ConfigError(
+                    f"data.max_length: {max_length} tokens is more than the {who} reads ({limit}, its {what})"
+                )
 
 
 def feature_pairs(
