@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import Tokenizer, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from geodistill.config import ConfigError, DistillConfig, from_dict, load_config
 from geodistill.data import load_instructions
+from geodistill.data.instructions import format_prompt
 from geodistill.instruct import (
     GREEDY,
     GenerationOptions,
@@ -239,6 +240,56 @@ def test_chat_template_prompt(assets) -> None:
     assert "assistant" not in tiny_tokenizer().convert_ids_to_tokens(plain)  # format_prompt otherwise
 
 
+def template_tokenizer(chat: bool) -> PreTrainedTokenizerFast:
+    """:func:`tiny_tokenizer` that also knows the words of :func:`format_prompt`'s template and,
+    like OPT's, writes BOS before every text (the chat template writes its own)."""
+    split = pre_tokenizers.Whitespace().pre_tokenize_str
+    words = {w for text in (format_prompt("i", "x"), format_prompt("i")) for w, _ in split(text)}
+    vocab = VOCAB + sorted(words - set(VOCAB))
+    backend = Tokenizer(WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", bos_token="<s>", eos_token="</s>", unk_token="[UNK]"
+    )
+    tok.chat_template = tiny_tokenizer(chat=True).chat_template if chat else None
+    return tok
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_long_prompts_lose_the_middle_of_the_user_text(chat: bool) -> None:
+    """A prompt over the limit keeps BOS, the template's header and its response marker, and the
+    first and last tokens of the instruction-to-input text; shorter prompts are left alone."""
+    tok = template_tokenizer(chat)
+    instruction, text = "copy the words", " ".join(WORDS * 2)
+
+    def encode(limit: int) -> list[int]:
+        return encode_prompts(tok, [instruction], [text], limit)[0]
+
+    full = encode(10_000)
+    names = tok.convert_ids_to_tokens(full)
+    start = names.index("copy")  # the user text: "copy" .. the input's last word
+    end = len(names) - names[::-1].index(WORDS[-1])
+    head, tail = full[:start], full[end:]
+    if chat:
+        assert names[:start] == ["<s>", "user"] and names[end:] == ["assistant"]
+    else:
+        assert names[:4] == ["<s>", "Below", "is", "an"] and names[start - 3 : start] == [
+            "###",
+            "Instruction",
+            ":",
+        ]
+        assert names[end:] == ["###", "Response", ":"]
+    for limit in (len(head) + len(tail) + 1, len(head) + len(tail) + 9, len(full) - 1):
+        cut = encode(limit)
+        budget = limit - len(head) - len(tail)
+        front = budget // 2
+        assert cut == head + full[start : start + front] + full[end - (budget - front) : end] + tail
+    assert encode(len(full)) == full  # fits: unchanged
+    # head and tail alone do not fit: BOS, then the end of the prompt
+    assert encode(len(head) + len(tail) - 1) == full[:1] + full[len(full) - (len(head) + len(tail) - 2) :]
+
+
 # ------------------------------------------------------------------------------------------
 # the answer-only LM head
 
@@ -341,6 +392,99 @@ def test_sampling_is_seeded_and_leaves_the_callers_rng_alone(assets) -> None:
     )
     assert set(out) == {"rougeL", "exact_match", "rougeL_std", "rougeL@seed1", "rougeL@seed2"}
     assert out["rougeL"] == pytest.approx((out["rougeL@seed1"] + out["rougeL@seed2"]) / 2)
+
+
+def stop_after(model: torch.nn.Module, token: int) -> None:
+    """Make EOS the model's next token after ``token``: answers that end for some prompts only."""
+
+    def hook(module, args, kwargs, output):
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        after = ids[:, -1] == token  # (B,)
+        logits = output.logits[:, -1]  # (B, V)
+        logits[after, 2] = logits[after].max(dim=-1).values + 10.0  # EOS = 2
+        return output
+
+    model.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"repetition_penalty": 5.0}, {"no_repeat_ngram_size": 1}, {"min_new_tokens": 8}],
+    ids=["repetition_penalty", "no_repeat_ngram_size", "min_new_tokens"],
+)
+def test_decoding_ignores_the_checkpoints_generation_config(settings: dict, assets) -> None:
+    """A checkpoint's generation_config.json (its own penalties, minimum length) changes neither
+    greedy nor sampled answers: the decoding is GenerationOptions only."""
+    model = tiny_lm("llama", layers=2, seed=3)
+    tok = tiny_tokenizer(chat=True)
+    task = make_task(assets, tok)
+    prompts = task.prompts("train")[0][:8]
+    decodings = [
+        dataclasses.replace(GREEDY, max_new_tokens=8),
+        GenerationOptions(do_sample=True, seeds=(10,), max_new_tokens=8),
+    ]
+
+    def answers() -> list[list[str]]:
+        return [generate_answers(model, tok, prompts, options=o, seed=10, batch_size=4) for o in decodings]
+
+    plain = answers()
+    assert any(len(a.split()) < 8 for a in plain[1])  # some end early: min_new_tokens would matter
+    config = model.generation_config
+    for key, value in settings.items():
+        setattr(config, key, value)
+    assert answers() == plain
+    assert model.generation_config is config  # put back
+    assert all(getattr(config, k) == v for k, v in settings.items())
+
+
+def test_teacher_answers_record_whether_they_ended(assets, tmp_path: Path) -> None:
+    """Sequence-level KD: an answer cut at max_new_tokens trains without EOS, a finished one with
+    it; the cache stores the flags, and an old cache (a bare list) reads as finished answers."""
+    tok = tiny_tokenizer(chat=True)
+    teacher = tiny_lm("llama", seed=3)  # greedy answers of 16 prompts: 13 say w6
+    stop_after(teacher, tok.convert_tokens_to_ids("w6"))
+    task = make_task(assets, tok, data=load_instructions(assets["data"], max_train=16))
+    cpu = torch.device("cpu")
+    answers, ended = teacher_answers(teacher, task, batch_size=4, device=cpu, progress=False)
+    # the reference: a plain greedy loop per prompt, ended when it met EOS within max_new_tokens
+    expected = []
+    for prompt in task.prompts("train")[0]:
+        ids = torch.tensor([prompt])
+        stop = False
+        for _ in range(task.select.max_new_tokens):
+            with torch.no_grad():
+                nxt = teacher(input_ids=ids).logits[0, -1].argmax()
+            if int(nxt) == tok.eos_token_id:
+                stop = True
+                break
+            ids = torch.cat([ids, nxt.view(1, 1)], 1)
+        expected.append(stop)
+    assert ended == expected and 0 < sum(ended) < len(ended)
+    assert answers == generate_answers(teacher, tok, task.prompts("train")[0], options=task.select)
+
+    task.replace_answers("train", answers, ended)
+    eos = tok.eos_token_id
+    for row, answer, done in zip(task.dataset("train"), answers, ended, strict=True):
+        target = [x for x in row["labels"] if x != -100]
+        assert target == tok(answer, add_special_tokens=False)["input_ids"] + [eos] * done
+    task.replace_answers("train", answers)  # no flags: every answer finished
+    assert all(row["input_ids"][-1] == eos for row in task.dataset("train"))
+
+    path = tmp_path / "answers.json"
+    assert teacher_answers(teacher, task, batch_size=4, device=cpu, path=path, progress=False) == (
+        answers,
+        ended,
+    )
+    assert json.loads(path.read_text()) == {"answers": answers, "ended": ended}
+    assert teacher_answers(teacher, task, batch_size=4, device=cpu, path=path, progress=False) == (
+        answers,
+        ended,
+    )
+    path.write_text(json.dumps(answers))  # the format before the flags
+    assert teacher_answers(None, task, batch_size=4, device=cpu, path=path) == (
+        answers,
+        [True] * len(answers),
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
@@ -555,16 +699,21 @@ def test_sequence_level_kd_trains_on_cached_teacher_answers(assets, tmp_path: Pa
     files = list((tmp_path / "cache" / "teacher_answers").glob("*.json"))
     assert len(files) == 1
     cached = json.loads(files[0].read_text())
-    assert list(run.task.rows("train")["output"]) == cached  # the student trains on them
-    assert [[a] for a in cached] == list(run.task.rows("train")["references"])
+    assert list(run.task.rows("train")["output"]) == cached["answers"]  # the student trains on them
+    assert [[a] for a in cached["answers"]] == list(run.task.rows("train")["references"])
     # they are the teacher's greedy answers to the training prompts
     fresh = make_task(assets, data=load_instructions(assets["data"], max_train=8), max_new_tokens=6)
     teacher = AutoModelForCausalLM.from_pretrained(assets["llama"])
-    assert cached == teacher_answers(teacher, fresh, batch_size=4, device=torch.device("cpu"), progress=False)
-    # a second setup reads the cache instead of generating again
-    files[0].write_text(json.dumps(["w1"] * len(cached)))
+    expected = teacher_answers(teacher, fresh, batch_size=4, device=torch.device("cpu"), progress=False)
+    assert (cached["answers"], cached["ended"]) == expected
+    # a second setup reads the cache instead of generating again; a cache of the older format (a
+    # bare list) reads as finished answers, each trained with EOS as before
+    n = len(cached["answers"])
+    files[0].write_text(json.dumps(["w1"] * n))
     run = setup(dataclasses.replace(cfg, output_dir=str(tmp_path / "again")), progress=False)
-    assert list(run.task.rows("train")["output"]) == ["w1"] * len(cached)
+    assert list(run.task.rows("train")["output"]) == ["w1"] * n
+    w1, eos = run.task.tokenizer.convert_tokens_to_ids(["w1", "</s>"])
+    assert all(row["input_ids"][-2:] == [w1, eos] for row in run.task.dataset("train"))
 
 
 # ------------------------------------------------------------------------------------------

@@ -27,6 +27,11 @@ def finetune_config(cfg: DistillConfig, output_dir: str | Path | None = None) ->
         "data": cfg.data,
         "teacher_train": cfg.teacher_train,
     }
+    if cfg.task == "instruction":
+        # prompts over max_prompt_length lose the middle of the user's text since 2026-12-07
+        # (before: their start, template header and BOS included): a teacher fine-tuned on the old
+        # prompts is not reused. Classification keys are unchanged
+        key["prompt_cut"] = 2
     if output_dir is None:
         from geodistill.assets import cache_dir
 

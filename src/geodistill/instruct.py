@@ -148,29 +148,86 @@ def _user_turn(instruction: str, input: str) -> str:
     return f"{instruction}\n\n{input}" if input.strip() else instruction
 
 
+_SENTINELS = ("Aa", "Zz")  # stand-ins for the user's text that differ from their first character on
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _cut_prompt(
+    ids: list[int], head: int, tail: int, max_prompt_length: int, specials: set[int]
+) -> list[int]:
+    """``ids`` cut to ``max_prompt_length`` tokens: the first ``head`` and last ``tail`` tokens
+    whole and the middle cut in its middle; when head and tail alone do not fit, the leading
+    special tokens (ids in ``specials``) and the last tokens."""
+    if len(ids) <= max_prompt_length:
+        return ids
+    if head + tail < max_prompt_length:
+        budget = max_prompt_length - head - tail
+        middle = ids[head : len(ids) - tail]
+        front = budget // 2
+        return ids[:head] + middle[:front] + middle[len(middle) - (budget - front) :] + ids[len(ids) - tail :]
+    lead = 0
+    while lead < len(ids) and ids[lead] in specials:
+        lead += 1
+    lead = min(lead, max_prompt_length - 1)
+    return ids[:lead] + ids[len(ids) - (max_prompt_length - lead) :]
+
+
 def encode_prompts(
     tokenizer: Any, instructions: Sequence[str], inputs: Sequence[str], max_prompt_length: int
 ) -> list[list[int]]:
-    """Token ids of each prompt, truncated from the left to ``max_prompt_length``.
+    """Token ids of each prompt, at most ``max_prompt_length`` of them.
 
     With a chat template: one user turn (instruction, a blank line, input) and the assistant
     header (``add_generation_prompt=True``); the template writes its own special tokens. Without
     one: :func:`geodistill.data.instructions.format_prompt`, with the tokenizer's usual special
-    tokens (OPT's ``</s>`` prefix, Llama's ``<s>``). Left truncation keeps the end of the prompt,
-    which holds the input and the assistant header the answer must follow.
+    tokens (OPT's ``</s>`` prefix, Llama's ``<s>``).
+
+    A longer prompt is cut in the middle of its user text (from the instruction's start to the
+    input's end): it keeps the template's head whole (the tokenizer's leading special tokens, then
+    "Below is an instruction ... ### Instruction:" or the chat header up to the user's text), its
+    tail whole (the part that ends with "### Response:" or the assistant header, which the answer
+    follows), and of the user text its first and last tokens, half the remaining budget each. The
+    head and tail are the tokens the prompt shares with the same template around stand-in text.
+    Should head and tail alone not fit, the prompt keeps its leading special tokens and its last
+    tokens instead.
     """
-    if getattr(tokenizer, "chat_template", None):
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": _user_turn(i, x)}], add_generation_prompt=True, tokenize=False
+    chat = bool(getattr(tokenizer, "chat_template", None))
+
+    def render(instruction: str, input: str) -> str:
+        if chat:
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": _user_turn(instruction, input)}],
+                add_generation_prompt=True,
+                tokenize=False,
             )
-            for i, x in zip(instructions, inputs, strict=True)
-        ]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    else:
-        texts = [format_prompt(i, x) for i, x in zip(instructions, inputs, strict=True)]
-        ids = tokenizer(texts)["input_ids"]
-    return [list(p[-max_prompt_length:]) for p in ids]
+        return format_prompt(instruction, input)
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        # a chat template writes its own special tokens: none from the tokenizer on top
+        return [list(p) for p in tokenizer(texts, add_special_tokens=not chat)["input_ids"]]
+
+    ids = encode([render(i, x) for i, x in zip(instructions, inputs, strict=True)])
+    specials = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    frames: dict[bool, list[list[int]]] = {}  # the template around stand-in text, with and without input
+    out = []
+    for p, x in zip(ids, inputs, strict=True):
+        if len(p) > max_prompt_length:
+            shape = bool(x.strip())  # both templates drop the input block when it is blank
+            if shape not in frames:
+                frames[shape] = encode([render(s, s if shape else "") for s in _SENTINELS])
+            head = min(_common_prefix(p, f) for f in frames[shape])
+            tail = min(_common_prefix(p[::-1], f[::-1]) for f in frames[shape])
+            p = _cut_prompt(p, head, tail, max_prompt_length, specials)
+        out.append(p)
+    return out
 
 
 @dataclass(frozen=True)
@@ -249,16 +306,18 @@ def check_answer_logits(model: nn.Module, where: str, *, length: int = 8) -> flo
 class InstructionTask:
     """Instruction following with a decoder LM: the adapter :mod:`geodistill.train` drives.
 
-    Training rows are ``prompt + answer + EOS`` (right padding); labels are ``-100`` on the
-    prompt and padding. Outputs are per answer token: ``logits`` (N, V), ``targets`` (N,),
-    ``count = N``. Evaluation generates answers (left padding) and scores ROUGE-L and exact match,
-    and scores the reference answers teacher-forced (log-probability and token accuracy).
+    Training rows are ``prompt + answer + EOS`` (right padding; no EOS after a teacher's answer
+    cut at its token limit, :meth:`replace_answers`); labels are ``-100`` on the prompt and
+    padding. Outputs are per answer token: ``logits`` (N, V), ``targets`` (N,), ``count = N``.
+    Evaluation generates answers (left padding) and scores ROUGE-L and exact match, and scores
+    the reference answers teacher-forced (log-probability and token accuracy).
 
     Args:
         data: train/dev/test splits and evaluation sets (:func:`geodistill.data.load_instructions`).
         tokenizer: the tokenizer shared by teacher and student (needs an EOS token).
         max_length: prompt + answer tokens per training row (answers are cut at the end).
-        max_prompt_length: prompt tokens, cut from the left; must be below ``max_length``.
+        max_prompt_length: prompt tokens, longer prompts cut in the middle (:func:`encode_prompts`);
+            must be below ``max_length``.
         report: decoding of the test split and evaluation sets (dev is always greedy).
         max_new_tokens: answer tokens generated at evaluation.
         progress: show progress bars while generating.
@@ -293,6 +352,7 @@ class InstructionTask:
         self.report = report or self.select
         self.progress = progress
         self._tokenized: dict[str, Any] = {}
+        self._unended: dict[str, frozenset[int]] = {}  # rows whose answer was cut: no EOS after it
 
     # -- data
 
@@ -306,11 +366,24 @@ class InstructionTask:
             f"unknown split {split!r}; splits: {list(self.data.splits)}, evaluation sets: {list(self.data.eval_sets)}"
         )
 
-    def replace_answers(self, split: str, answers: Sequence[str]) -> None:
-        """Train on other answers (e.g. the teacher's, sequence-level KD); references follow."""
+    def replace_answers(
+        self, split: str, answers: Sequence[str], ended: Sequence[bool] | None = None
+    ) -> None:
+        """Train on other answers (e.g. the teacher's, sequence-level KD); references follow.
+
+        ``ended[j]``: whether answer ``j`` is whole, so that its training row ends with EOS; an
+        answer cut at a token limit gets none (the student should not learn to stop there). Default:
+        all whole.
+        """
         ds = self.rows(split)
         if len(answers) != len(ds):
             raise ValueError(f"{len(answers)} answers for {len(ds)} rows of {split!r}")
+        if ended is not None and len(ended) != len(ds):
+            raise ValueError(f"{len(ended)} ended flags for {len(ds)} rows of {split!r}")
+        if ended is None or all(ended):
+            self._unended.pop(split, None)
+        else:
+            self._unended[split] = frozenset(j for j, e in enumerate(ended) if not e)
         ds = ds.remove_columns(["output", "references"])
         ds = ds.add_column("output", list(answers)).add_column("references", [[a] for a in answers])
         splits = dict(self.data.splits)
@@ -321,19 +394,25 @@ class InstructionTask:
         self._tokenized.pop(split, None)
 
     def dataset(self, split: str) -> Any:
-        """Tokenised rows: ``input_ids`` (prompt + answer + EOS), ``labels`` (-100 on the prompt), ``idx``."""
+        """Tokenised rows: ``input_ids`` (prompt + answer + EOS), ``labels`` (-100 on the prompt), ``idx``.
+
+        An answer that :meth:`replace_answers` marked as cut (not ended) gets no EOS, unless it is
+        empty (every row keeps an answer token).
+        """
         if split not in self._tokenized:
             ds = self.rows(split)
             eos = self.tokenizer.eos_token_id
+            unended = self._unended.get(split, frozenset())
 
-            def encode(batch: dict[str, list]) -> dict[str, list]:
+            def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
                 prompts = encode_prompts(
                     self.tokenizer, batch["instruction"], batch["input"], self.max_prompt_length
                 )
                 answers = self.tokenizer(batch["output"], add_special_tokens=False)["input_ids"]
                 ids, labels = [], []
-                for p, a in zip(prompts, answers, strict=True):
-                    a = [*a, eos][: self.max_length - len(p)]  # >= 1 token: len(p) < max_length
+                for j, p, a in zip(indices, prompts, answers, strict=True):
+                    end = [eos] if j not in unended or not a else []
+                    a = [*a, *end][: self.max_length - len(p)]  # >= 1 token: len(p) < max_length
                     ids.append(p + a)
                     labels.append([IGNORE] * len(p) + a)
                 return {"input_ids": ids, "labels": labels}
@@ -342,11 +421,21 @@ class InstructionTask:
                 ds,
                 encode,
                 [self.tokenizer],
-                prompts=[f.__code__ for f in (encode_prompts, _user_turn, format_prompt)],
+                prompts=[
+                    f.__code__
+                    for f in (encode_prompts, _cut_prompt, _common_prefix, _user_turn, format_prompt)
+                ],
                 max_prompt_length=self.max_prompt_length,
                 max_length=self.max_length,
+                unended=sorted(unended),
             )
-            ds = ds.map(encode, batched=True, remove_columns=ds.column_names, new_fingerprint=fingerprint)
+            ds = ds.map(
+                encode,
+                batched=True,
+                with_indices=True,
+                remove_columns=ds.column_names,
+                new_fingerprint=fingerprint,
+            )
             ds = ds.add_column("idx", list(range(len(ds))))
             ds.set_format("python")
             self._tokenized[split] = ds
@@ -531,10 +620,39 @@ def generate_answers(
 
     Prompts are batched longest first (less padding); answers come back in the input order,
     special tokens removed, whitespace stripped. Generation stops at EOS (the tokenizer's and
-    the model's generation-config EOS ids) or after ``options.max_new_tokens``. Sampling draws
-    from a stream seeded with ``seed``; the caller's RNG state is restored afterwards, so
-    evaluating mid-training does not shift the training run's random stream.
+    the model's generation-config EOS ids) or after ``options.max_new_tokens``. The decoding is
+    ``options`` and transformers' global defaults only: the model's ``generation_config`` (a
+    checkpoint's repetition penalty, minimum length, top-k...) is set aside during the call.
+    Sampling draws from a stream seeded with ``seed``; the caller's RNG state is restored
+    afterwards, so evaluating mid-training does not shift the training run's random stream.
     """
+    return _generate(
+        model,
+        tokenizer,
+        prompts,
+        options=options,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        desc=desc,
+    )[0]
+
+
+def _generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    options: GenerationOptions,
+    seed: int,
+    batch_size: int,
+    device: torch.device | None,
+    progress: bool,
+    desc: str,
+) -> tuple[list[str], list[bool]]:
+    """:func:`generate_answers`, and for each answer whether it ended with EOS (False: cut at
+    ``options.max_new_tokens``)."""
     from transformers import GenerationConfig
 
     if batch_size < 1:
@@ -545,7 +663,6 @@ def generate_answers(
     config = GenerationConfig(
         max_new_tokens=options.max_new_tokens,
         do_sample=options.do_sample,
-        # explicit values, so a checkpoint's own defaults (e.g. temperature 0.6) never leak in
         temperature=options.temperature if options.do_sample else 1.0,
         top_p=options.top_p if options.do_sample else 1.0,
         top_k=0 if options.do_sample else None,  # 0: no top-k cut (MiniLLM samples the full nucleus)
@@ -555,6 +672,7 @@ def generate_answers(
     )
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
+    ended: list[bool] = [False] * len(prompts)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
         from tqdm.auto import tqdm
@@ -563,20 +681,30 @@ def generate_answers(
     was_training = model.training
     model.eval()
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for chunk in batches:
-            length = max(len(prompts[i]) for i in chunk)
-            ids = torch.tensor([[pad] * (length - len(prompts[i])) + list(prompts[i]) for i in chunk])
-            mask = torch.tensor([[0] * (length - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk])
-            out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
-            )
-            texts = tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
-            for i, text in zip(chunk, texts, strict=True):
-                answers[i] = text.strip()
-    model.train(was_training)
-    return answers
+    # generate() fills every field that `config` leaves None from model.generation_config, e.g. a
+    # checkpoint's repetition_penalty, no_repeat_ngram_size, min_new_tokens or suppress_tokens
+    # (transformers 5 has no switch for this): a bare one stands in for the call
+    model_config = model.generation_config
+    model.generation_config = type(model_config)()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for chunk in batches:
+                length = max(len(prompts[i]) for i in chunk)
+                ids = torch.tensor([[pad] * (length - len(prompts[i])) + list(prompts[i]) for i in chunk])
+                mask = torch.tensor([[0] * (length - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk])
+                out = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+                )
+                new = out[:, length:]  # (B, <= max_new_tokens); after EOS only padding
+                stopped = torch.isin(new, torch.tensor(eos, device=new.device)).any(dim=1).tolist()
+                texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+                for i, text, stop in zip(chunk, texts, stopped, strict=True):
+                    answers[i], ended[i] = text.strip(), bool(stop)
+    finally:
+        model.generation_config = model_config
+        model.train(was_training)
+    return answers, ended
 
 
 def score_answers(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
@@ -660,36 +788,42 @@ def teacher_answers(
     device: torch.device,
     path: Path | None = None,
     progress: bool = True,
-) -> list[str]:
-    """The teacher's greedy answers to every training prompt (Kim & Rush 2016, sequence-level KD).
+) -> tuple[list[str], list[bool]]:
+    """The teacher's greedy answers to every training prompt (Kim & Rush 2016, sequence-level KD),
+    and for each whether it ended with EOS (False: cut at ``task.select.max_new_tokens``).
 
     Generated once and stored as JSON at ``path`` (keyed by the caller on teacher, data and
-    prompt settings), so every run of a sweep trains on the same targets.
+    prompt settings), ``{"answers": [...], "ended": [...]}``, so every run of a sweep trains on
+    the same targets. A file of the older format, a bare list of answers, reads as answers that
+    all ended (what training assumed of them then).
     """
     if path is not None:
         from geodistill.assets import file_lock, written_whole
 
         with file_lock(path.with_name(path.name + ".lock")):  # concurrent runs generate them once
             if not path.exists():
-                answers = teacher_answers(
+                answers, ended = teacher_answers(
                     teacher, task, batch_size=batch_size, device=device, progress=progress
                 )
                 with written_whole(path) as tmp:
-                    tmp.write_text(json.dumps(answers))
-                return answers
-            return json.loads(path.read_text())
+                    tmp.write_text(json.dumps({"answers": answers, "ended": ended}))
+                return answers, ended
+            stored = json.loads(path.read_text())
+            if isinstance(stored, list):
+                return stored, [True] * len(stored)
+            return stored["answers"], stored["ended"]
     prompts, _ = task.prompts("train")
-    answers = generate_answers(
+    return _generate(
         teacher,
         task.tokenizer,
         prompts,
         options=task.select,
+        seed=0,
         batch_size=batch_size,
         device=device,
         progress=progress,
         desc="teacher answers (cached once)",
     )
-    return answers
 
 
 # ------------------------------------------------------------------------------------------
@@ -893,8 +1027,9 @@ def setup_instruction(
             "dtype": cfg.teacher.dtype,
             "task": task.cache_key(),
             "max_new_tokens": cfg.data.max_new_tokens,
+            "format": 2,  # 2: prompts cut in the middle (no longer from the left); whether each answer ended
         }
-        answers = teacher_answers(
+        answers, ended = teacher_answers(
             teacher.to(device),
             task,
             batch_size=tcfg.eval_batch_size,
@@ -902,7 +1037,7 @@ def setup_instruction(
             path=cache_file("teacher_answers", key).with_suffix(".json"),
             progress=progress,
         )
-        task.replace_answers("train", answers)
+        task.replace_answers("train", answers, ended)
         teacher.cpu()
         if not needs_teacher:
             teacher = None
