@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -187,6 +188,69 @@ def test_configs_lists_every_key_with_help(capsys) -> None:
     for key in ("data.name", "losses", "train.grad_accum", "teacher_train.lr", "student.hidden_size"):
         assert f"\n{key} = " in out
     assert "demo" in shipped_configs()
+
+
+def test_configs_shows_each_nested_configs_own_defaults(capsys) -> None:
+    """teacher_train's default is not TrainConfig(): the listing shows teacher_train's own."""
+    assert main(["configs"]) == 0
+    out = capsys.readouterr().out
+    assert "\nteacher_train.lr = 5e-05\n" in out and "\nteacher_train.epochs = 2.0\n" in out
+    assert "\ntrain.lr = 0.0001\n" in out and "\ntrain.epochs = 3.0\n" in out
+
+
+def test_configs_applies_set_without_a_config(capsys) -> None:
+    """As distill does: --set alone overrides the defaults (here the resolved config is printed)."""
+    assert main(["configs", "--set", "train.lr=0.5", "--set", "teacher_train.batch_size=16"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["lr"] == 0.5 and printed["teacher_train"]["batch_size"] == 16
+    assert printed["teacher_train"]["lr"] == 5e-5  # the rest of teacher_train's default
+    assert main(["configs", "--set", "train.lrate=1"]) == 2  # checked as strictly as with a file
+    assert "unknown key train.lrate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "files, overrides, message",
+    [
+        (
+            {"a.yaml": "include: b.yaml\n", "b.yaml": "include: a.yaml\n"},
+            [],
+            "include cycle: a.yaml -> b.yaml -> a.yaml",
+        ),
+        ({"a.yaml": "include:\ntrain: {lr: 0.1}\n"}, [], "a.yaml: include: expected a file name"),
+        (
+            {"a.yaml": "student: {init: layer_subset, layers: [0, 2]}\n"},
+            ["student.layers.0.x=1"],
+            "--set student.layers.0.x: student.layers.0 is 0, not a mapping",
+        ),
+        (
+            {"a.yaml": "losses: [{name: ce}]\n"},
+            ["losses.--1.weight=1"],
+            "--set losses.--1.weight: '--1' is not an index",
+        ),
+        ({"a.yaml": "train: {max_steps: 0}\n"}, [], "train.max_steps: must be at least 1, got 0"),
+        ({"a.yaml": "train: {lr: .nan}\n"}, [], "train.lr: must be a finite number above 0, got nan"),
+    ],
+)
+def test_config_mistakes_are_one_line_with_status_2(
+    tmp_path, capsys, monkeypatch, files, overrides, message
+) -> None:
+    monkeypatch.delenv("GEODISTILL_DEBUG", raising=False)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert main(["configs", str(tmp_path / "a.yaml"), *(a for o in overrides for a in ("--set", o))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_geometry_with_no_student_exits_1_as_documented(tmp_path, capsys) -> None:
+    import geodistill.cli
+
+    results = tmp_path / "results.jsonl"
+    results.write_text("")
+    assert main(["geometry", str(results), "--out", str(tmp_path / "g"), "--quiet"]) == 1
+    assert "no student measured" in capsys.readouterr().err
+    doc = " ".join(geodistill.cli.__doc__.split())
+    assert re.search(r"Status 1 [^.]*``geometry``", doc), doc  # the sentence on status 1 names it
 
 
 def test_a_directory_does_not_shadow_a_shipped_config(tmp_path, monkeypatch) -> None:

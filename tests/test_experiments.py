@@ -226,6 +226,11 @@ def test_base_include_file_and_overrides(tmp_path: Path) -> None:
     assert {r.config.train.max_steps for r in expand(dotted, quick=True)} == {3}
     with pytest.raises(ConfigError, match=r"grid\.data\.spilt_seed"):
         expand(load_sweep(included, ["grid.data.spilt_seed=[1]"]))
+    empty = write_sweep(tmp_path, sweep_dict(tmp_path, base={"include": None}), "empty.yaml")
+    with pytest.raises(
+        ConfigError, match=r"base\.include: expected a file name or a list of file names, got None"
+    ):
+        load_sweep(empty)
     as_path = write_sweep(tmp_path, sweep_dict(tmp_path, base="configs/rt.yaml"), "s2.yaml")
     assert load_sweep(as_path).base["train"]["max_steps"] == 7
     assert load_sweep(as_path).name == "t"

@@ -2,8 +2,10 @@
 
 Configs are YAML files (or the name of a config shipped in ``geodistill/configs``) plus
 ``--set key=value`` overrides; unknown keys are errors. Errors in configs and inputs print one
-line naming the field or file and exit with status 2; a run that diverges (NaN/inf) prints one
-line naming its last good checkpoint and exits with status 1. ``GEODISTILL_DEBUG=1`` shows tracebacks.
+line naming the field or file and exit with status 2. Status 1 means the command ran but some
+result is missing: a run that diverges (NaN/inf) prints one line naming its last good checkpoint,
+``sweep`` lists its failed runs, ``geometry`` says that no student was measured. An interrupted
+``sweep`` exits with 130. ``GEODISTILL_DEBUG=1`` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -195,7 +197,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_configs(args: argparse.Namespace) -> int:
     from geodistill.config import DistillConfig, describe, to_dict
 
-    if args.config:
+    if args.config or args.set:  # --set alone: the defaults with the overrides, as distill runs them
         import yaml
 
         print(yaml.safe_dump(to_dict(_load(args)), sort_keys=False))

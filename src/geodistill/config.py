@@ -12,6 +12,8 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,7 +79,9 @@ class DataConfig:
     )
     max_new_tokens: int = _help("instruction tasks: tokens generated per answer at evaluation", default=64)
     max_prompt_length: int = _help(
-        "instruction tasks: truncate prompts (from the left) to this many tokens", default=384
+        "instruction tasks: prompts over this many tokens lose the middle of the user's text (the template's "
+        "start and end stay)",
+        default=384,
     )
     max_per_task: int | None = _help("instruction tasks: cap on training instances per task", default=None)
     eval_sets: Any = _help(
@@ -139,7 +143,9 @@ class StudentConfig:
     hidden_size: int = _help("config: hidden width", default=192)
     num_heads: int = _help("config: attention heads (must divide hidden_size)", default=4)
     intermediate_size: int | None = _help(
-        "config: feed-forward width (default 4 x hidden_size)", default=None
+        "config: feed-forward width (default: hidden_size times the teacher's feed-forward/hidden ratio, "
+        "4 for BERT and GPT-2)",
+        default=None,
     )
     architecture: str | None = _help(
         "config: another architecture than the teacher's (e.g. opt), same vocabulary", default=None
@@ -306,8 +312,16 @@ class DistillConfig:
 #: the smallest value of integer fields whose type alone allows nonsense (a batch of 0 examples);
 #: None stays allowed where the type allows it. Checked when a config is read, naming the key
 MINIMUM: dict[type, dict[str, int]] = {
-    DataConfig: {"max_train": 1, "max_eval": 1, "max_length": 1, "max_per_task": 1},
+    DataConfig: {
+        "max_train": 1,
+        "max_eval": 1,
+        "max_length": 1,
+        "max_per_task": 1,
+        "max_new_tokens": 1,
+        "max_prompt_length": 1,
+    },
     TrainConfig: {
+        "max_steps": 1,  # 0 would read as unset: the run would train for `epochs` instead
         "batch_size": 1,
         "grad_accum": 1,
         "eval_batch_size": 1,
@@ -318,6 +332,37 @@ MINIMUM: dict[type, dict[str, int]] = {
         "threads": 1,
     },
 }
+
+#: the range of float fields whose type alone allows nonsense (a learning rate of nan or -1):
+#: ``(least, most, least_allowed)``, ``least`` itself allowed only when ``least_allowed``; nan and
+#: infinities never are. Checked when a config is read, naming the key
+INTERVAL: dict[type, dict[str, tuple[float, float, bool]]] = {
+    TrainConfig: {
+        "epochs": (0.0, math.inf, False),
+        "lr": (0.0, math.inf, False),
+        "warmup_ratio": (0.0, 1.0, True),
+    },
+}
+
+
+def _check_ranges(cls: type, values: dict[str, Any], path: str) -> None:
+    """Raise naming the key unless every value of ``values`` lies in its :data:`MINIMUM` / :data:`INTERVAL`."""
+    where = f"{path}." if path else ""
+    for name, least in MINIMUM.get(cls, {}).items():
+        value = values.get(name)
+        if value is not None and value < least:
+            raise ConfigError(f"{where}{name}: must be at least {least}, got {value}")
+    for name, (least, most, closed) in INTERVAL.get(cls, {}).items():
+        value = values.get(name)
+        if value is None or (
+            math.isfinite(value) and (value >= least if closed else value > least) and value <= most
+        ):
+            continue
+        if math.isinf(most):
+            wanted = f"a finite number {'at least' if closed else 'above'} {least:g}"
+        else:
+            wanted = f"{'from' if closed else 'above'} {least:g} to {most:g}"
+        raise ConfigError(f"{where}{name}: must be {wanted}, got {value}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -330,8 +375,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and convert containers; raise naming ``path``."""
+def _convert(value: Any, tp: Any, path: str, default: Any = None) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert containers; raise naming ``path``.
+    A mapping for a dataclass takes the keys it leaves out from ``default`` (an instance) if given."""
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -344,7 +390,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _convert(value, arg, path)
+                return _convert(value, arg, path, default)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(
@@ -361,7 +407,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         (item,) = (a for a in get_args(tp) if a is not Ellipsis)
         return tuple(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
+        return from_dict(tp, value, path, default if isinstance(default, tp) else None)
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string: YAML 1.1's float syntax
             try:
@@ -386,8 +432,22 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported type {tp}")  # a schema bug, not a user error
 
 
-def from_dict(cls: type[T], data: Any, path: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and ill-typed values."""
+def _field_default(f: dataclasses.Field) -> Any:
+    """What a field left out means: its default, or a fresh instance of its default factory
+    (``teacher_train``'s factory differs from ``TrainConfig()``), or MISSING for a required field."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def from_dict(cls: type[T], data: Any, path: str = "", base: T | None = None) -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and ill-typed values.
+
+    Keys the mapping leaves out take their values from ``base`` if given, else the field's default;
+    a nested mapping fills its missing keys from the field's default instance in the same way, so
+    ``teacher_train: {batch_size: 16}`` keeps the rest of ``teacher_train``'s own defaults."""
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
@@ -403,14 +463,14 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     kwargs = {}
     for name, f in fields.items():
         sub = f"{path}.{name}" if path else name
+        default = getattr(base, name) if base is not None else _field_default(f)
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], sub)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kwargs[name] = _convert(data[name], hints[name], sub, default)
+        elif default is dataclasses.MISSING:
             raise ConfigError(f"{sub}: required")
-    for name, least in MINIMUM.get(cls, {}).items():
-        value = kwargs.get(name)
-        if value is not None and value < least:
-            raise ConfigError(f"{f'{path}.' if path else ''}{name}: must be at least {least}, got {value}")
+        else:
+            kwargs[name] = default
+    _check_ranges(cls, kwargs, path)
     return cls(**kwargs)
 
 
@@ -544,9 +604,14 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, resolving ``include:`` (a path or list of paths, relative to the file)."""
+def read_yaml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML mapping, resolving ``include:`` (a path or list of paths, relative to the file).
+    ``_including``: the files whose includes led here, to name a cycle instead of recursing forever."""
     path = Path(path)
+    here = path.resolve()
+    if here in _including:
+        cycle = _including[_including.index(here) :]
+        raise ConfigError(f"{path}: include cycle: {' -> '.join(p.name for p in (*cycle, here))}")
     try:
         data = _yaml().safe_load(path.read_text()) or {}
     except OSError as e:
@@ -557,9 +622,12 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     includes = data.pop("include", [])
+    includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not all(isinstance(inc, str) and inc for inc in includes):
+        raise ConfigError(f"{path}: include: expected a file name or a list of file names, got {includes!r}")
     base: dict = {}
-    for inc in [includes] if isinstance(includes, str) else includes:
-        base = _merge(base, read_yaml(path.parent / inc))
+    for inc in includes:
+        base = _merge(base, read_yaml(path.parent / inc, (*_including, here)))
     return _merge(base, data)
 
 
@@ -568,12 +636,9 @@ def _set_path(data: dict, dotted: str, value: Any, keys: list[str] | None = None
     keys = keys if keys is not None else dotted.split(".")
     node: Any = data
     for i, key in enumerate(keys[:-1]):
-        if isinstance(node, list):
-            node = node[_index(key, dotted, len(node))]
-            continue
-        node = node.setdefault(key, {})
+        node = node[_index(key, dotted, len(node))] if isinstance(node, list) else node.setdefault(key, {})
         if not isinstance(node, dict | list):
-            raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a mapping")
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is {node!r}, not a mapping or list")
     last = keys[-1]
     if isinstance(node, list):
         if last == str(len(node)):  # one past the end appends: losses.2={name: gram}
@@ -585,7 +650,7 @@ def _set_path(data: dict, dotted: str, value: Any, keys: list[str] | None = None
 
 
 def _index(key: str, dotted: str, n: int) -> int:
-    if not key.lstrip("-").isdigit() or not -n <= int(key) < n:
+    if re.fullmatch(r"-?[0-9]+", key) is None or not -n <= int(key) < n:
         raise ConfigError(f"--set {dotted}: {key!r} is not an index of a list of {n}")
     return int(key)
 
@@ -621,21 +686,19 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, data)
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(dotted key, default, help)`` for every field, recursively: the reference for docs and --help."""
+def describe(cls: type, prefix: str = "", base: Any = None) -> list[tuple[str, str, str]]:
+    """``(dotted key, default, help)`` for every field, recursively: the reference for docs and --help.
+    A nested dataclass's defaults are those of its field's default instance (``base`` below the top)."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, key + "."))
+        default = getattr(base, f.name) if base is not None else _field_default(f)
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(
+                describe(hints[f.name], key + ".", None if default is dataclasses.MISSING else default)
+            )
             continue
-        if f.default is not dataclasses.MISSING:
-            default = json.dumps(to_dict(f.default))
-        elif f.default_factory is not dataclasses.MISSING:
-            default = json.dumps(to_dict(f.default_factory()))
-        else:
-            default = "(required)"
-        rows.append((key, default, f.metadata.get("help", "")))
+        shown = "(required)" if default is dataclasses.MISSING else json.dumps(to_dict(default))
+        rows.append((key, shown, f.metadata.get("help", "")))
     return rows

@@ -285,8 +285,11 @@ def _resolve_base(base: Any, here: Path) -> Any:
         return base  # parse_sweep names the error
     base = dict(base)
     includes = base.pop("include", [])
+    includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not all(isinstance(inc, str) and inc for inc in includes):
+        raise ConfigError(f"base.include: expected a file name or a list of file names, got {includes!r}")
     merged: dict[str, Any] = {}
-    for inc in [includes] if isinstance(includes, str) else includes:
+    for inc in includes:
         merged = _merge(merged, read_yaml(_find_file(inc, here)))
     return _merge(merged, base)
 
