@@ -173,7 +173,10 @@ CE_ALPHA1_TABLE = [
         RT,
         "subset-3",
         "uniform map, every token",
-        {"ce+kd+procrustes": Cell("subset_ce_layers", "ce+kd+procrustes-a1", baseline="ce+kd")},
+        {
+            "ce+kd+procrustes": Cell("subset_ce_layers", "ce+kd+procrustes-a1", baseline="ce+kd"),
+            "ce+kd+cka": Cell("subset_ce_layers", "ce+kd+cka-a1", baseline="ce+kd"),
+        },
     ),
 ]
 
