@@ -91,6 +91,13 @@ def test_theorem1_cka_gap_vanishes_with_samples_while_geometry_gap_stays() -> No
         assert r.cka_gap * r.n_samples == pytest.approx(0.25, rel=0.2)
     for r in sweep:
         assert r.procrustes_student_b > 0.25 and r.gram_student_b > 0.08
+    # the limits the report prints, p = 1/2, lift 1: D_P -> 2 - 2/sqrt(3/2); D_FG -> q (1/3)^2 with
+    # q = (1/2 + c)^2 + (1/2 - c)^2, c = sin(0.6) / 1.2, the fan of +-0.3 rad (1/9 alone is 6% off)
+    c = math.sin(0.6) / 1.2
+    q = (0.5 + c) ** 2 + (0.5 - c) ** 2
+    assert sweep[-1].procrustes_student_b == pytest.approx(2 - 2 / math.sqrt(1.5), rel=5e-3)
+    assert sweep[-1].gram_student_b == pytest.approx(q / 9, rel=5e-3)
+    assert abs(sweep[-1].gram_student_b - 1 / 9) > 0.005
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,6 +298,8 @@ def test_run_theory_quick_writes_report_results_and_figures(tmp_path: Path) -> N
     assert len(curve) == 300
     assert max(a - b for a, b in itertools.pairwise(curve)) < 1e-6 and curve[-1] - curve[0] > 0.7
     assert "no spikes here" in text  # the report's reading of that curve
+    # D_FG's limit for the fanned teacher the report runs (the value test_theorem1_cka_gap_... checks)
+    assert "`q (p lift^2 / (1 + p lift^2))^2`" in text and "(0.9428 at ±0.3 rad)" in text
     assert (
         runs["procrustes"]["count"]["vectors_recovered"]
         > runs["projection_mse"]["count"]["vectors_recovered"]

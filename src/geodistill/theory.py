@@ -1175,10 +1175,16 @@ def _report_text(
         f"{_fmt(t1.procrustes_student_a)} to {_fmt(t1.procrustes_student_b)} and D_FG from "
         f"{_fmt(t1.gram_student_a)} to {_fmt(t1.gram_student_b)}.\n"
     )
+    # D_FG's limit carries the fan's anisotropy: q = ||S^T S||_F^2 / ||S||_F^4 of the fanned
+    # student, whose two covariance eigenvalues are 1/2 +- sin(2 phi) / (4 phi) (q = 1 for phi = 0)
+    half = 0.5 * math.sin(2 * t1.spread) / (2 * t1.spread) if t1.spread > 0 else 0.5
+    q = (0.5 + half) ** 2 + (0.5 - half) ** 2
     add(
         "**More samples make CKA blinder.** Lifting half the vectors at every n: the CKA gap falls like 1/n "
         "(closed form for zero fan, `1 - CKA ~ p lift^4 / (2n)` with p the lifted fraction), the geometric "
-        "distances converge to `2 - 2/sqrt(1 + p lift^2)` and `(p lift^2 / (1 + p lift^2))^2`.\n"
+        "distances converge to `2 - 2/sqrt(1 + p lift^2)` and `q (p lift^2 / (1 + p lift^2))^2`, where "
+        "`q = ||S^T S||_F^2 / ||S||_F^4` is 1 for zero fan and `(1/2 + c)^2 + (1/2 - c)^2` with "
+        f"`c = sin(2 phi) / (4 phi)` for a fan of ±phi ({q:.4f} at ±{t1.spread} rad).\n"
     )
     add(
         _table(
