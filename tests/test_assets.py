@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 import zipfile
@@ -212,3 +213,155 @@ def test_written_whole_renames_on_success_and_cleans_up_on_error(tmp_path: Path)
         tmp.write_text("half")
         raise RuntimeError("killed mid-write")
     assert path.read_text() == "first" and sorted(p.name for p in path.parent.iterdir()) == ["cache.json"]
+
+
+def test_a_new_pin_replaces_the_old_extraction(
+    fake_asset: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The marker holds the extracted archive's sha256: after ASSETS pins another archive the
+    member is extracted again from the new one, and nothing of the old extraction stays."""
+    first = assets.ASSETS["fake"]
+    old = asset_path("fake", "fake/data")
+    assert sorted(p.name for p in old.iterdir()) == ["other.txt", "rows.txt"]
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    new = seed / "fake-2.0-py3-none-any.whl"
+    with zipfile.ZipFile(new, "w") as z:
+        z.writestr("fake/data/other.txt", "other, version 2\n")
+    digest = hashlib.sha256(new.read_bytes()).hexdigest()
+    monkeypatch.setitem(assets.ASSETS, "fake", Asset("fake", "2.0", new.name, digest, "MIT", "repinned"))
+    monkeypatch.setenv("GEODISTILL_ASSET_DIR", str(seed))
+    path = asset_path("fake", "fake/data")
+    assert path == old and sorted(p.name for p in path.iterdir()) == ["other.txt"]
+    assert (path / "other.txt").read_text() == "other, version 2\n"
+    root = Path(os.environ["GEODISTILL_CACHE"]) / "assets" / "fake"
+    assert (root / "fake__data.done").read_text() == digest
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["fake", "fake__data.done"]
+    monkeypatch.setitem(assets.ASSETS, "fake", first)  # and back: the old archive is still cached
+    assert (asset_path("fake", "fake/data") / "rows.txt").read_text().count("\n") == 2000
+
+
+def test_an_interrupted_seed_copy_leaves_no_archive(
+    fake_asset: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served, calls = fake_asset
+    monkeypatch.setenv("GEODISTILL_ASSET_DIR", str(served.parent))
+    copyfile = shutil.copyfile
+
+    def disk_full(src: Path, dst: Path) -> None:
+        Path(dst).write_bytes(Path(src).read_bytes()[:100])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        archive_path("fake")
+    archives = Path(os.environ["GEODISTILL_CACHE"]) / "archives"
+    assert sorted(p.name for p in archives.iterdir() if not p.name.startswith(".")) == []
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    assert archive_path("fake").read_bytes() == served.read_bytes()
+    assert not calls.exists()  # the seeded copy, not a download
+
+
+def test_relative_file_urls_resolve_against_the_index_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PEP 691 lets a file URL be relative to the project page, which may sit behind a redirect:
+    a real HTTP index on localhost redirects /simple/fake/ and lists the file as ../../files/..."""
+    import http.server
+    import json
+    import threading
+
+    data = b"wheel bytes " * 1000
+    asset = Asset("fake", "1.0", "fake-1.0-py3-none-any.whl", hashlib.sha256(data).hexdigest(), "MIT", "test")
+    page = json.dumps(
+        {
+            "meta": {"api-version": "1.0"},
+            "name": "fake",
+            "files": [{"filename": asset.filename, "url": f"../../files/{asset.filename}", "hashes": {}}],
+        }
+    ).encode()
+    asked = []
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            if self.path == "/simple/fake/":
+                self.send_response(302)
+                self.send_header("Location", "/mirror/simple/fake/")
+                self.end_headers()
+                return
+            body, kind = {
+                "/mirror/simple/fake/": (page, "application/vnd.pypi.simple.v1+json"),
+                f"/mirror/files/{asset.filename}": (data, "application/octet-stream"),
+            }.get(self.path, (b"", ""))
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", kind or "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setitem(assets.ASSETS, "fake", asset)
+        monkeypatch.setenv("GEODISTILL_CACHE", str(tmp_path / "cache"))
+        monkeypatch.delenv("GEODISTILL_ASSET_DIR", raising=False)
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        monkeypatch.setattr(assets, "_index_urls", lambda: [f"http://127.0.0.1:{server.server_port}/simple"])
+        assert archive_path("fake").read_bytes() == data
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert asked == ["/simple/fake/", "/mirror/simple/fake/", f"/mirror/files/{asset.filename}"]
+
+
+def test_index_urls_reads_index_url_then_extra_index_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As pip reads them: index-url(s) first, then extra-index-url lists (environment, then pip's
+    configuration files), each URL once; PyPI stands in for a missing index-url."""
+    from pip._internal import configuration
+    from pip._internal.models.index import PyPI
+
+    conf = tmp_path / "pip.conf"
+    monkeypatch.setattr(
+        configuration,
+        "get_configuration_files",
+        lambda: {
+            configuration.Kind.GLOBAL: [str(conf)],
+            configuration.Kind.SITE: [],
+            configuration.Kind.USER: [],
+        },
+    )
+    for var in ("PIP_CONFIG_FILE", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
+        monkeypatch.delenv(var, raising=False)
+    conf.write_text(
+        "[global]\n"
+        "index-url = https://cfg.example/simple\n"
+        "extra-index-url =\n"
+        "    https://extra1.example/simple\n"
+        "    https://env-extra.example/simple/\n"
+        "    file:///opt/local/simple\n"
+        "[install]\n"
+        "extra-index-url = https://extra2.example/simple https://extra1.example/simple\n"
+    )
+    monkeypatch.setenv("PIP_INDEX_URL", "https://env.example/simple/")
+    monkeypatch.setenv(
+        "PIP_EXTRA_INDEX_URL", " https://env-extra.example/simple\thttps://cfg.example/simple "
+    )
+    assert assets._index_urls() == [
+        "https://env.example/simple",
+        "https://cfg.example/simple",
+        "https://env-extra.example/simple",
+        "https://extra1.example/simple",
+        "https://extra2.example/simple",
+    ]
+    conf.write_text("[global]\nextra-index-url = https://extra1.example/simple\n")
+    monkeypatch.delenv("PIP_INDEX_URL")
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL")
+    assert assets._index_urls() == [PyPI.simple_url.rstrip("/"), "https://extra1.example/simple"]

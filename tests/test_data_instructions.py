@@ -254,6 +254,21 @@ def test_local_jsonl_and_eval_set(tmp_path: Path) -> None:
     assert row["references"] == [row["output"], row["output"].replace("done", "ok")]  # all references kept
 
 
+def test_local_jsonl_keeps_raw_line_separators_in_strings(tmp_path: Path) -> None:
+    """json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw inside strings: they
+    end no record, and an error after them names its own line."""
+    path = tmp_path / "raw.jsonl"
+    rows = [{"instruction": f"do {i}\u2028now", "output": f"done\u2029{i}\x85ok"} for i in range(40)]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    data = load_instructions(str(path))
+    got = {(r["instruction"], r["output"]) for split in data.splits.values() for r in split}
+    assert got == {(r["instruction"], r["output"]) for r in rows}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"raw\.jsonl: line 41: expected a JSON object"):
+        load_instructions(str(path))
+
+
 def test_format_prompt_and_registry() -> None:
     with_input = format_prompt("Translate.", "Bonjour")
     assert with_input.endswith("### Instruction:\nTranslate.\n\n### Input:\nBonjour\n\n### Response:\n")

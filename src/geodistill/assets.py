@@ -21,11 +21,13 @@ import shutil
 import tarfile
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "ASSETS",
@@ -157,27 +159,41 @@ def _sha256(path: Path) -> str:
 
 
 def _index_urls() -> list[str]:
-    """The simple-API index URLs pip is configured with (index-url first, then extra-index-url)."""
-    urls: list[str] = []
-    env = os.environ.get("PIP_INDEX_URL")
-    if env:
-        urls.append(env)
+    """The simple-API index URLs pip is configured with: index-url first, then extra-index-url.
+
+    Each comes from ``$PIP_INDEX_URL`` / ``$PIP_EXTRA_INDEX_URL`` and from pip's configuration
+    files (sections global, download, install); an extra-index-url value is a whitespace-separated
+    list, as pip reads it. Without any index-url, PyPI stands first, as it does for pip. URLs are
+    listed once each, and only http(s) ones (a ``file://`` index serves no JSON API).
+    """
+    index: list[str] = []
+    extra: list[str] = []
+    if os.environ.get("PIP_INDEX_URL"):
+        index.append(os.environ["PIP_INDEX_URL"])
+    extra += os.environ.get("PIP_EXTRA_INDEX_URL", "").split()
     try:  # pip's own configuration files, read with pip's own parser
         from pip._internal.configuration import Configuration
 
         conf = Configuration(isolated=False)
         conf.load()
-        items = dict(conf.items())
-        for key in ("global.index-url", "download.index-url", "install.index-url"):
-            if key in items and items[key] not in urls:
-                urls.append(items[key])
+        items: dict[str, Any] = {}
+        for name, value in conf.items():  # newer pip: {file: {key: value}}, in override order
+            if isinstance(value, dict):
+                items.update(value)
+            else:
+                items[name] = value
+        for section in ("global", "download", "install"):
+            if f"{section}.index-url" in items:
+                index.append(items[f"{section}.index-url"])
+            extra += str(items.get(f"{section}.extra-index-url", "")).split()
     except Exception:  # pip internals moved, or no pip: fall back to its default index
         pass
-    if not urls:
+    if not index:
         from pip._internal.models.index import PyPI
 
-        urls.append(PyPI.simple_url)
-    return [u.rstrip("/") for u in urls if u.startswith(("http://", "https://"))]
+        index.append(PyPI.simple_url)
+    urls = [u.strip().rstrip("/") for u in index + extra]
+    return [u for u in dict.fromkeys(urls) if u.startswith(("http://", "https://"))]
 
 
 def _download(asset: Asset, dest: Path) -> None:
@@ -188,11 +204,12 @@ def _download(asset: Asset, dest: Path) -> None:
         try:
             req = urllib.request.Request(url, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
             with urllib.request.urlopen(req, timeout=60) as r:
+                page = getattr(r, "url", None) or url  # after redirects; file URLs may be relative to it
                 files = json.load(r)["files"]
             entry = next(f for f in files if f["filename"] == asset.filename)
             with (
                 written_whole(dest) as tmp,
-                urllib.request.urlopen(entry["url"], timeout=600) as r,
+                urllib.request.urlopen(urllib.parse.urljoin(page, entry["url"]), timeout=600) as r,
                 open(tmp, "wb") as f,
             ):
                 shutil.copyfileobj(r, f, length=1 << 20)
@@ -231,7 +248,8 @@ def archive_path(key: str) -> Path:
     with file_lock(archives / f".{asset.filename}.lock"):  # one download, however many processes ask
         seed_dir = os.environ.get("GEODISTILL_ASSET_DIR")
         if not dest.exists() and seed_dir and (Path(seed_dir) / asset.filename).exists():
-            shutil.copyfile(Path(seed_dir) / asset.filename, dest)
+            with written_whole(dest) as tmp:  # an interrupted copy must not pass for the archive
+                shutil.copyfile(Path(seed_dir) / asset.filename, tmp)
         if not dest.exists():
             _download(asset, dest)
         digest = _sha256(dest)
@@ -247,27 +265,38 @@ def archive_path(key: str) -> Path:
 def asset_path(key: str, member: str) -> Path:
     """Extract ``member`` (a file, or a directory with everything under it) of asset ``key``.
 
-    Returns the extracted path under ``cache_dir()/assets/<key>/``. Extraction happens once; a
-    marker file records completion so an interrupted extraction is redone.
+    Returns the extracted path under ``cache_dir()/assets/<key>/``. Extraction happens once per
+    pinned archive: a marker file holds the sha256 of the archive the extraction came from, so an
+    interrupted extraction, or one from an archive since re-pinned in :data:`ASSETS`, is redone.
     """
     root = cache_dir() / "assets" / key
     target = root / member
     marker = root / (member.strip("/").replace("/", "__") + ".done")
-    if marker.exists() and target.exists():
+    pinned = ASSETS[key].sha256 if key in ASSETS else None
+
+    def extracted() -> bool:
+        try:
+            return marker.read_text() == pinned and target.exists()
+        except FileNotFoundError:
+            return False
+
+    if extracted():
         return target
     archive = archive_path(key)
     prefix = member.rstrip("/")
     root.mkdir(parents=True, exist_ok=True)
     with file_lock(root / f".{marker.stem}.lock"), tempfile.TemporaryDirectory(dir=root) as tmp:
-        if marker.exists() and target.exists():  # another process extracted it while we waited
+        if extracted():  # another process extracted it while we waited
             return target
-        found = _extract(archive, prefix, Path(tmp))
+        found = _extract(archive, prefix, Path(tmp) / "new")
         if not found:
             raise AssetError(f"{archive.name} has no member {member!r}")
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        # No marker while the target changes: a crash in between leaves it to be redone.
+        marker.unlink(missing_ok=True)
+        if target.exists():  # renamed aside (removed with tmp): readers holding it keep their files
+            target.replace(Path(tmp) / "old")
         target.parent.mkdir(parents=True, exist_ok=True)
-        (Path(tmp) / prefix).replace(target)
+        (Path(tmp) / "new" / prefix).replace(target)
         marker.write_text(ASSETS[key].sha256)
     return target
 

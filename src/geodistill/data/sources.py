@@ -7,6 +7,7 @@ readers fail with a one-line ``ValueError`` that names the file (and row) or the
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from collections.abc import Mapping
@@ -50,7 +51,9 @@ def read_records(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]
     records: list[tuple[int, dict[str, Any]]] = []
     if suffix in (".csv", ".tsv"):
         delim, quoting = (",", csv.QUOTE_MINIMAL) if suffix == ".csv" else ("\t", csv.QUOTE_NONE)
-        reader = csv.reader(content.splitlines(keepends=True), delimiter=delim, quoting=quoting)
+        # Lines end at \n or \r only, not where str.splitlines also splits (\x0b, \x0c, \x1c-\x1e,
+        # U+0085, U+2028, U+2029): csv.writer and pandas leave those unquoted inside fields.
+        reader = csv.reader(io.StringIO(content, newline=""), delimiter=delim, quoting=quoting)
         try:
             columns = [h.strip() for h in next(reader)]
             if len(set(columns)) != len(columns):
@@ -66,7 +69,9 @@ def read_records(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]
         except csv.Error as e:
             raise ValueError(f"{path}: row {reader.line_num}: malformed {suffix[1:]} ({e})") from None
     elif suffix == ".jsonl":
-        for n, line in enumerate(content.splitlines(), start=1):
+        # Records end at "\n" only (read_text has made "\r\n" one): json.dumps(ensure_ascii=False)
+        # writes U+2028 and U+0085 raw inside strings, where str.splitlines would split.
+        for n, line in enumerate(content.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
