@@ -332,7 +332,14 @@ def _train_worker(rank: int, cfg_dict: dict, out: str, crash_at: int | None) -> 
             saves.append(str(f))
         return real_save(obj, f, *a, **k)
 
-    torch.save = counting_save
+    ddp = torch.nn.parallel.DistributedDataParallel
+    ddp_init, find_unused = ddp.__init__, []  # how the student was wrapped
+
+    def recording_init(self, *a, **k):
+        find_unused.append(bool(k.get("find_unused_parameters", False)))
+        ddp_init(self, *a, **k)
+
+    torch.save, ddp.__init__ = counting_save, recording_init
     try:
         results = train(r, progress=False, callbacks=[crash] if crash_at else None)
         torch.save = real_save
@@ -341,8 +348,10 @@ def _train_worker(rank: int, cfg_dict: dict, out: str, crash_at: int | None) -> 
     except Interrupt:
         pass
     finally:
-        torch.save = real_save
-    Path(f"{out}.rank{rank}.json").write_text(json.dumps({"saves": saves, **_shard_sizes(r)}))
+        torch.save, ddp.__init__ = real_save, ddp_init
+    Path(f"{out}.rank{rank}.json").write_text(
+        json.dumps({"saves": saves, "find_unused": find_unused, **_shard_sizes(r)})
+    )
 
 
 def _shard_sizes(r) -> dict:
@@ -380,15 +389,23 @@ def _single_process(cfg) -> dict:
     return r.student.state_dict()
 
 
+#: feature terms alone, on student layer 1 of 2: layer 2, the pooler and the classifier get no gradient
+FEATURES_ONLY = "[{name: procrustes, pooling: mean, layers: [[1, 2]]}, {name: proj_mse, layers: [[1, 2]]}]"
+
+
 @pytest.mark.parametrize(
-    "variant",
+    ("variant", "unused"),
     [
-        pytest.param([], id="plain"),
-        pytest.param(["train.grad_accum=2"], id="accumulation"),
-        pytest.param(["train.group_by_length=true"], id="length-groups"),
+        pytest.param([], False, id="plain"),
+        pytest.param(["train.grad_accum=2"], False, id="accumulation"),
+        pytest.param(["train.group_by_length=true"], False, id="length-groups"),
+        # DDP must look for the parameters without a gradient (else it fails on step 2), and only then
+        pytest.param([f"losses={FEATURES_ONLY}", "train.grad_accum=2"], True, id="features-only"),
     ],
 )
-def test_two_ranks_batch_b_equal_one_rank_batch_2b(assets, tmp_path: Path, variant: list[str]) -> None:
+def test_two_ranks_batch_b_equal_one_rank_batch_2b(
+    assets, tmp_path: Path, variant: list[str], unused: bool
+) -> None:
     from geodistill.config import to_dict
 
     common = [f"losses={LOSSES}", "train.max_steps=4", "train.eval_every=2", "train.log_every=1", *variant]
@@ -417,6 +434,85 @@ def test_two_ranks_batch_b_equal_one_rank_batch_2b(assets, tmp_path: Path, varia
     ]
     assert saves[0] and all("/ddp/checkpoint/state.pt" in f for f in saves[0]), saves[0]
     assert saves[1] == []  # rank 0 writes every checkpoint, rank 1 none
+    for r in range(WORLD):
+        got = json.loads(Path(f"{tmp_path / 'ddp.pt'}.rank{r}.json").read_text())["find_unused"]
+        assert got == [unused], got
+
+    # the logged loss terms and gradient norm are the global batch's, as one process on it logs
+    # them (not rank 0's shard means)
+    ones = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines() if "loss/" in x]
+    for ddp_row, one in zip(rows, ones, strict=True):
+        logged = sorted(k for k in one if k.startswith("loss/") or k == "grad_norm")
+        assert logged == sorted(k for k in ddp_row if k.startswith("loss/") or k == "grad_norm")
+        for k in logged:
+            assert abs(ddp_row[k] - one[k]) <= 1e-9 * max(1.0, abs(one[k])), (
+                one["step"],
+                k,
+                ddp_row[k],
+                one[k],
+            )
+
+
+def _dropout_masks(cfg) -> list[list[list[list[bool]]]]:
+    """The masks the student's first dropout layer drew in each training forward of ``cfg``'s run."""
+    from geodistill.train import setup, train
+
+    r = setup(cfg, progress=False)
+    drop = next(m for m in r.student.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0)
+    masks = []
+
+    def record(module, inputs, output) -> None:
+        if module.training:
+            masks.append((output != 0).tolist())
+
+    drop.register_forward_hook(record)
+    train(r, progress=False)
+    return masks
+
+
+def _dropout_worker(rank: int, cfg_dict: dict, out: str) -> None:
+    from geodistill.config import DistillConfig, from_dict
+
+    masks = _dropout_masks(from_dict(DistillConfig, cfg_dict))
+    Path(f"{out}.rank{rank}.json").write_text(json.dumps(masks))
+
+
+def test_each_rank_draws_its_own_dropout_masks(assets, tmp_path: Path) -> None:
+    """Two ranks with rows of one length (equal shapes) draw different dropout masks at step 1 (the
+    same seed on each would drop the same units of every rank's rows); rank 0 draws those of a
+    one-process run, whose stream is unchanged."""
+    import csv
+    import random
+    import shutil
+
+    from geodistill.config import to_dict
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("dev", "test"):
+        shutil.copy(assets["data"] / f"{split}.csv", data / f"{split}.csv")
+    rng = random.Random(0)
+    with open(data / "train.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(16):  # five words each, label 1 iff w5 is one of them
+            words = [f"w{rng.randrange(6, 60)}" for _ in range(5)]
+            if i % 2:
+                words[rng.randrange(5)] = "w5"
+            w.writerow([" ".join(words), i % 2])
+    common = ["train.max_steps=1", "train.eval_every=1", "train.batch_size=4"]
+    cfg = make_cfg({**assets, "data": data}, tmp_path / "ddp", *common, teacher="teacher_dropout")
+    _launch(_dropout_worker, to_dict(cfg), str(tmp_path / "masks"))
+    masks = [json.loads(Path(f"{tmp_path / 'masks'}.rank{r}.json").read_text()) for r in range(WORLD)]
+    assert [len(m) for m in masks] == [1, 1]  # one training forward each
+    first = [torch.tensor(m[0]) for m in masks]
+    assert first[0].shape == first[1].shape  # the same shapes, so the same seed would give the same masks
+    assert all(0 < (~m).sum() < m.numel() for m in first)  # dropout dropped some units, not all
+    assert not torch.equal(first[0], first[1])
+    one = _dropout_masks(
+        make_cfg({**assets, "data": data}, tmp_path / "one", *common, teacher="teacher_dropout")
+    )
+    assert torch.equal(torch.tensor(one[0]), first[0])
 
 
 def _initial_weights(cfg) -> dict:

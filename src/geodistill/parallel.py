@@ -23,13 +23,19 @@ __all__ = ["Parallel"]
 
 
 class Parallel:
-    """The data-parallel strategy of one run: ``ddp`` (also single-process) or ``fsdp``."""
+    """The data-parallel strategy of one run: ``ddp`` (also single-process) or ``fsdp``.
 
-    def __init__(self, acc: Any, mode: str) -> None:
+    ``unused_parameters``: some trainable parameters get no gradient (an objective of feature terms
+    alone), which DDP must then look for after each backward (``find_unused_parameters``; slower,
+    so only then): else it waits for their gradients and fails on the next step. FSDP2 needs
+    nothing: a parameter without a gradient is left out of its group's reduction."""
+
+    def __init__(self, acc: Any, mode: str, *, unused_parameters: bool = False) -> None:
         if mode not in ("ddp", "fsdp"):
             raise ValueError(f"train.parallel must be 'ddp' or 'fsdp', got {mode!r}")
         self.acc = acc
         self.fsdp = mode == "fsdp" and acc.num_processes > 1
+        self.unused_parameters = unused_parameters
 
     @property
     def collective_eval(self) -> bool:
@@ -39,8 +45,17 @@ class Parallel:
     def wrap(self, student: nn.Module, optimizer_factory) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Place ``student`` and build its optimizer (after sharding: FSDP2 parameters are DTensors)."""
         if not self.fsdp:
+            from accelerate import DistributedDataParallelKwargs
+
             student = student.to(self.acc.device)
-            return self.acc.prepare(student, optimizer_factory(student))
+            if self.unused_parameters:  # as Accelerator(kwargs_handlers=...) would, set where it is known
+                self.acc.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+            model, optimizer = self.acc.prepare(student, optimizer_factory(student))
+            if getattr(model, "find_unused_parameters", self.unused_parameters) != self.unused_parameters:
+                raise RuntimeError(
+                    "Accelerate did not pass find_unused_parameters on to DistributedDataParallel"
+                )
+            return model, optimizer
         shard_model(student.model, self.acc.device)
         from torch.distributed.fsdp import fully_shard
 

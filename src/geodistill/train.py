@@ -70,13 +70,31 @@ class TrainingDiverged(RuntimeError):
 # the trainable module: student + training-only projection heads
 
 
+@dataclass
+class StudentOutputs(Outputs):
+    """:class:`Outputs` plus ``projected``: projection head name -> (n, d_t) mapped features. Every
+    tensor a loss reads is a field, as DDP finds a forward's outputs by the fields of a dataclass."""
+
+    projected: dict[str, Tensor] = field(default_factory=dict)
+
+
+def reads_logits(terms: tuple[LossTerm, ...]) -> bool:
+    """Whether a term (ce, kd) reads the student's logits, so that every parameter is in the
+    loss's graph; feature terms alone leave the head, and any layer above the deepest tap, without
+    a gradient."""
+    return any(t.spec.inputs in ("labels", "logits") for t in terms)
+
+
 class Student(nn.Module):
     """The student model plus the projection heads that some losses train with it.
 
-    ``forward(batch)`` returns the student's :class:`Outputs` with the tapped features, and
-    ``projected`` features for terms with a learned map (student width -> teacher width). All
-    trainable parameters are used inside ``forward``, as DDP requires. Only ``model`` is saved as
-    the distilled student.
+    ``forward(batch)`` returns the student's :class:`StudentOutputs`: the tapped features, and
+    ``projected`` features for terms with a learned map (student width -> teacher width). An
+    objective of feature terms alone leaves some parameters without a gradient (the head, layers
+    above the deepest tap), which DDP then looks for (:class:`Parallel`): it walks back from the
+    tensors ``forward`` returns, so the logits come back detached when no term reads them (else the
+    head would count as used and DDP wait for its gradient). Only ``model`` is saved as the
+    distilled student.
     """
 
     def __init__(
@@ -92,6 +110,7 @@ class Student(nn.Module):
         super().__init__()
         self.model = model
         self.task = task
+        self.logits_read = reads_logits(terms)
         self.projectors = nn.ModuleDict()
         self.projector_taps: dict[str, Tap] = {}  # projector name -> the student tap it maps
         with torch.random.fork_rng(devices=[]):  # heads must not shift the dropout stream: paired runs
@@ -106,12 +125,20 @@ class Student(nn.Module):
             {(s, term.options["pooling"]) for term in terms if term.key in pairs for s, _ in pairs[term.key]}
         )
 
-    def forward(self, batch: dict[str, Tensor]) -> Outputs:
+    def forward(self, batch: dict[str, Tensor]) -> StudentOutputs:
         out = self.task.forward(self.model, batch, self.taps)
-        out.projected = {
-            name: head(out.features[self.projector_taps[name]]) for name, head in self.projectors.items()
-        }
-        return out
+        logits = out.logits
+        if logits is not None and not self.logits_read:
+            logits = logits.detach()
+        return StudentOutputs(
+            logits=logits,
+            targets=out.targets,
+            features=out.features,
+            count=out.count,
+            projected={
+                name: head(out.features[self.projector_taps[name]]) for name, head in self.projectors.items()
+            },
+        )
 
 
 def projector_name(key: str, s: int, t: int) -> str:
@@ -433,6 +460,11 @@ def quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()  # also "Writing model shards" in save_pretrained
+
+
+#: rank r's dropout stream starts from ``seed + 1 + r * DROPOUT_SEED_STRIDE``: far from any other
+#: run's seed, and rank 0's is the one-process stream (a prime: distinct mod 2**32 for numpy too)
+DROPOUT_SEED_STRIDE = 1_000_000_007
 
 
 def seed_everything(seed: int) -> None:
@@ -844,7 +876,7 @@ def _train(
     eval_every = cfg.eval_every or steps_per_epoch
     save_every = cfg.save_every or eval_every
 
-    par = Parallel(acc, cfg.parallel)
+    par = Parallel(acc, cfg.parallel, unused_parameters=not reads_logits(run.objective.terms))
     if _scaler(acc) is not None and par.fsdp:
         raise ConfigError(
             "train.mixed_precision: fp16 needs a gradient scaler, which the fsdp path does not apply "
@@ -889,7 +921,9 @@ def _train(
         rngs = blob["rng"] if isinstance(blob["rng"], list) else [blob["rng"]]
         _set_rng_state(rngs[acc.process_index])
     else:
-        seed_everything(cfg.seed + 1)  # the dropout stream: the same for every method with this seed
+        # the dropout stream: the same for every method with this seed; each rank draws its own
+        # (rank 0 a single process's), else every rank drops the same units of its own rows
+        seed_everything(cfg.seed + 1 + DROPOUT_SEED_STRIDE * acc.process_index)
     acc.wait_for_everyone()  # every rank has read the checkpoint before the main process writes
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -1046,7 +1080,8 @@ def _step(
     t_outs = [teacher_outputs(mb) for mb in group]
     taps = objective.coupled_student_taps()
     # each per-example term averages over its units (examples, answer tokens or valid tokens) of
-    # the whole step; DDP averages gradients over ranks, hence the world size over the global count
+    # the whole global step; DDP averages gradients over ranks, hence the world size over the
+    # global count
     units = [objective.units(task, mb) for mb in group]
     keys = list(units[0])
     totals = {k: float(sum(u[k] for u in units)) for k in keys}
@@ -1098,8 +1133,15 @@ def _step(
                     loss = loss + objective.total(coupled_vals, step)
                     values.update({k: float(v.detach()) for k, v in coupled_vals.items()})
             acc.backward(loss)
-        for k, v in per.items():
-            values[k] = values.get(k, 0.0) + float(v.detach()) * units[i][k] / totals[k]
+        for k, v in per.items():  # this rank's share of the global mean
+            values[k] = values.get(k, 0.0) + float(v.detach()) * units[i][k] / global_totals[k]
+    if acc.num_processes > 1 and keys:
+        # the shares of every rank summed: the global step's values, the same on every rank (one
+        # collective, in the same place on each), so the log shows what one process on the global
+        # batch would, and every rank takes the same decision below and in the divergence check
+        shares_sum = torch.tensor([values[k] for k in keys], device=acc.device, dtype=torch.float64)
+        torch.distributed.all_reduce(shares_sum)
+        values.update(zip(keys, shares_sum.tolist(), strict=True))
     grad_norm = par.clip(student, cfg.max_grad_norm)
     if all(math.isfinite(v) for v in values.values()) and (
         math.isfinite(grad_norm) or _scaler(acc) is not None
