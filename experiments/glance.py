@@ -175,6 +175,7 @@ CE_ALPHA1_TABLE = [
         "uniform map, every token",
         {
             "ce+kd+procrustes": Cell("subset_ce_layers", "ce+kd+procrustes-a1", baseline="ce+kd"),
+            "ce+kd+gram": Cell("subset_ce_layers", "ce+kd+gram-a1", baseline="ce+kd"),
             "ce+kd+cka": Cell("subset_ce_layers", "ce+kd+cka-a1", baseline="ce+kd"),
         },
     ),

@@ -732,7 +732,7 @@ def test_every_shipped_config_loads() -> None:
         ("ce_tokens", 240, 240),
         ("ce_layers_tokens", 240, 240),
         ("ce_geometry", 50, 50),
-        ("subset_ce_layers", 240, 180),
+        ("subset_ce_layers", 240, 240),
         ("cls_alpha", 52, 52),
         ("subset", 210, 210),
         ("subset_tokens", 120, 120),
