@@ -604,6 +604,16 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def pop_includes(data: dict, where: str) -> list[str]:
+    """Remove ``include:`` from a config mapping and return its file names: one name or a list of
+    them; anything else (an empty ``include:`` reads as None) is a ConfigError naming ``where``."""
+    includes = data.pop("include", [])
+    includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not all(isinstance(inc, str) and inc for inc in includes):
+        raise ConfigError(f"{where}: expected a file name or a list of file names, got {includes!r}")
+    return includes
+
+
 def read_yaml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict:
     """Read a YAML mapping, resolving ``include:`` (a path or list of paths, relative to the file).
     ``_including``: the files whose includes led here, to name a cycle instead of recursing forever."""
@@ -621,12 +631,8 @@ def read_yaml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}{where}: invalid YAML: {what}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    includes = data.pop("include", [])
-    includes = [includes] if isinstance(includes, str) else includes
-    if not isinstance(includes, list) or not all(isinstance(inc, str) and inc for inc in includes):
-        raise ConfigError(f"{path}: include: expected a file name or a list of file names, got {includes!r}")
     base: dict = {}
-    for inc in includes:
+    for inc in pop_includes(data, f"{path}: include"):
         base = _merge(base, read_yaml(path.parent / inc, (*_including, here)))
     return _merge(base, data)
 

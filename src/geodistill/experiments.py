@@ -80,6 +80,7 @@ from geodistill.config import (
     former_identity_hash,
     from_dict,
     identity_hash,
+    pop_includes,
     read_yaml,
     to_dict,
 )
@@ -284,12 +285,8 @@ def _resolve_base(base: Any, here: Path) -> Any:
     if not isinstance(base, dict):
         return base  # parse_sweep names the error
     base = dict(base)
-    includes = base.pop("include", [])
-    includes = [includes] if isinstance(includes, str) else includes
-    if not isinstance(includes, list) or not all(isinstance(inc, str) and inc for inc in includes):
-        raise ConfigError(f"base.include: expected a file name or a list of file names, got {includes!r}")
     merged: dict[str, Any] = {}
-    for inc in includes:
+    for inc in pop_includes(base, "base.include"):
         merged = _merge(merged, read_yaml(_find_file(inc, here)))
     return _merge(merged, base)
 

@@ -876,7 +876,7 @@ def _train(
     eval_every = cfg.eval_every or steps_per_epoch
     save_every = cfg.save_every or eval_every
 
-    par = Parallel(acc, cfg.parallel, unused_parameters=not reads_logits(run.objective.terms))
+    par = Parallel(acc, cfg.parallel, unused_parameters=not run.student.logits_read)
     if _scaler(acc) is not None and par.fsdp:
         raise ConfigError(
             "train.mixed_precision: fp16 needs a gradient scaler, which the fsdp path does not apply "
