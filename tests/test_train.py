@@ -117,6 +117,46 @@ def test_teacher_cache_tells_subsamples_of_a_published_split_apart(assets, tmp_p
         assert torch.allclose(live, r.teacher_cache.lookup(batch, [], torch.device("cpu")).logits, atol=1e-5)
 
 
+def _cache_holds_live_logits(r) -> bool:
+    batch = r.task.collate([r.task.dataset("train")[i] for i in range(8)])
+    live = r.task.forward(r.teacher, batch, [], teacher=True).logits
+    return torch.allclose(live, r.teacher_cache.lookup(batch, [], torch.device("cpu")).logits, atol=1e-5)
+
+
+def test_teachers_passed_in_are_cached_by_their_weights(assets, tmp_path) -> None:
+    """Two teachers passed in under one config (one teacher.name) are two teachers: the second
+    read the first's cached outputs when the key was the config's name."""
+    from conftest import tiny_bert
+
+    for i, seed in enumerate((0, 1)):
+        r = setup(make_cfg(assets, tmp_path / f"r{i}"), teacher_override=tiny_bert(seed=seed), progress=False)
+        assert _cache_holds_live_logits(r)
+
+
+def test_a_teacher_saved_again_in_place_is_another_teacher(assets, tmp_path) -> None:
+    """A local teacher directory rewritten with other weights of the same size, its files' times
+    set back, keys neither the teacher-output cache nor the fine-tune cache of the old weights
+    (they were keyed by path, size and modification second)."""
+    import shutil
+
+    from conftest import tiny_bert
+    from geodistill.finetune import finetune_config
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(assets["teacher"], teacher)
+    cfg = make_cfg(assets, tmp_path / "a", f"teacher.name={teacher}")
+    assert _cache_holds_live_logits(setup(cfg, progress=False))
+    fine_tune_before = finetune_config(cfg).output_dir
+    stamps = {f: f.stat() for f in teacher.iterdir()}
+    tiny_bert(seed=1).save_pretrained(teacher)
+    for f, st in stamps.items():
+        assert f.stat().st_size == st.st_size
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = setup(replace(cfg, output_dir=str(tmp_path / "b")), progress=False)
+    assert _cache_holds_live_logits(again)
+    assert finetune_config(cfg).output_dir != fine_tune_before
+
+
 @pytest.mark.parametrize(
     "losses",
     [

@@ -37,6 +37,7 @@ __all__ = [
     "archive_path",
     "asset_path",
     "cache_dir",
+    "file_sha256",
     "file_lock",
     "written_whole",
 ]
@@ -150,7 +151,8 @@ def written_whole(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -252,7 +254,7 @@ def archive_path(key: str) -> Path:
                 shutil.copyfile(Path(seed_dir) / asset.filename, tmp)
         if not dest.exists():
             _download(asset, dest)
-        digest = _sha256(dest)
+        digest = file_sha256(dest)
         if digest != asset.sha256:
             bad = dest.with_suffix(dest.suffix + ".bad")
             dest.replace(bad)

@@ -21,8 +21,12 @@ __all__ = ["finetune_config", "finetuned_teacher", "fitted_teacher", "is_fitted"
 
 def finetune_config(cfg: DistillConfig, output_dir: str | Path | None = None) -> DistillConfig:
     """The labels-only run that fine-tunes ``cfg.teacher`` on ``cfg.data`` with ``cfg.teacher_train``."""
+    from geodistill.tasks import model_fingerprint
+
+    # a local teacher directory by its files' contents (a model saved again in place is another
+    # teacher); offline and hub names as they are, so their keys are unchanged
     key = {
-        "teacher": cfg.teacher.name,
+        "teacher": model_fingerprint(cfg.teacher.name),
         "task": cfg.task,
         "data": cfg.data,
         "teacher_train": cfg.teacher_train,

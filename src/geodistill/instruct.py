@@ -899,12 +899,11 @@ def setup_instruction(
     from transformers import AutoConfig
 
     from geodistill import models
-    from geodistill.tasks import cache_file
+    from geodistill.tasks import cache_file, model_fingerprint, module_fingerprint
     from geodistill.train import (
         Objective,
         Run,
         Student,
-        _model_fingerprint,
         build_student,
         feature_pairs,
         run_metadata,
@@ -1023,7 +1022,10 @@ def setup_instruction(
     if seq_kd:
         assert teacher is not None
         key = {
-            "teacher": _model_fingerprint(teacher_name),
+            # a teacher passed in is keyed by its weights: its name is cfg's, whatever it holds
+            "teacher": module_fingerprint(teacher)
+            if teacher_override is not None
+            else model_fingerprint(teacher_name),
             "dtype": cfg.teacher.dtype,
             "task": task.cache_key(),
             "max_new_tokens": cfg.data.max_new_tokens,

@@ -366,3 +366,42 @@ def cache_file(kind: str, parts: dict[str, Any]) -> Path:
 
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return cache_dir() / kind / f"{digest}.pt"
+
+
+def model_fingerprint(name: str) -> str:
+    """What names a model in a cache key. Offline and hub names as they are (what they resolve to
+    is pinned); a local directory by its path and the sha256 of each weight and config file, so a
+    model saved again in place (the same size, in the same second) never reads the outputs or the
+    fine-tune cached for the one it replaced."""
+    p = Path(name)
+    if not p.is_dir():
+        return name
+    files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".json") and f.is_file())
+    return f"{p.resolve()}:{[(f.name, _file_digest(f)) for f in files]}"
+
+
+def module_fingerprint(model: nn.Module) -> str:
+    """sha256 of a loaded model's state (every entry's name, dtype, shape and bytes): the cache key
+    of a teacher passed in as a module, whose name says nothing about its weights."""
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        t = value.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{key}:{t.dtype}:{tuple(value.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+_DIGESTS: dict[tuple[Any, ...], str] = {}
+
+
+def _file_digest(f: Path) -> str:
+    """sha256 of ``f``, hashed once per process for each stat stamp (inode, size, modification and
+    change times: rewriting a file changes its change time even where its modification time is
+    set back)."""
+    from geodistill.assets import file_sha256
+
+    st = f.stat()
+    stamp = (str(f.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if stamp not in _DIGESTS:
+        _DIGESTS[stamp] = file_sha256(f)
+    return _DIGESTS[stamp]

@@ -533,7 +533,13 @@ def setup(
     """Build and validate a run: every config error surfaces here, before the first step."""
     from geodistill import models
     from geodistill.data import load_classification
-    from geodistill.tasks import ClassificationTask, TeacherCache, cache_file
+    from geodistill.tasks import (
+        ClassificationTask,
+        TeacherCache,
+        cache_file,
+        model_fingerprint,
+        module_fingerprint,
+    )
 
     quiet_libraries()
     out = Path(cfg.output_dir)
@@ -645,7 +651,9 @@ def setup(
     run = Run(cfg, tcfg, out, task, student, teacher, objective, tokenizer, metadata=run_metadata(cfg, kind))
     if teacher is not None and tcfg.cache_teacher:
         taps = cached_taps(objective.teacher_taps(), teacher, len(task.dataset("train")))
-        key = {"teacher": _model_fingerprint(teacher_name), "task": task.cache_key(), "taps": taps}
+        # a teacher passed in is keyed by its weights: its name is cfg's, whatever it holds
+        who = module_fingerprint(teacher) if teacher_override is not None else model_fingerprint(teacher_name)
+        key = {"teacher": who, "task": task.cache_key(), "taps": taps}
         with process_state(tcfg).main_process_first():  # computed once, then read by the other ranks
             run.teacher_cache = TeacherCache.build(
                 task,
@@ -735,19 +743,6 @@ def feature_pairs(
         if term.options["pooling"] == "tokens" and separate_teacher_inputs:
             raise ConfigError(f"losses[{i}].pooling: 'tokens' needs student and teacher to share a tokenizer")
     return pairs
-
-
-def _model_fingerprint(name: str) -> str:
-    """Offline/hub names as they are; local directories by path and weight-file stamps."""
-    p = Path(name)
-    if not p.is_dir():
-        return name
-    stamps = sorted(
-        (f.name, f.stat().st_size, int(f.stat().st_mtime))
-        for f in p.iterdir()
-        if f.suffix in (".safetensors", ".bin", ".json")
-    )
-    return f"{p.resolve()}:{stamps}"
 
 
 # ------------------------------------------------------------------------------------------
