@@ -37,8 +37,8 @@ __all__ = [
     "archive_path",
     "asset_path",
     "cache_dir",
-    "file_sha256",
     "file_lock",
+    "file_sha256",
     "written_whole",
 ]
 
