@@ -262,6 +262,8 @@ def test_resume_is_bit_identical(assets, tmp_path) -> None:
     cfg_b = make_cfg(assets, tmp_path / "b", *common, teacher=TEACHER)
     interrupt(cfg_b, at_step=5)
     assert json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[-1])["step"] == 5
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:
+        f.write('{"step": 6, "loss/kd": 0.2')  # a line a kill cut short
     rb, res_b = run(cfg_b)  # resumes from the step-3 checkpoint
     wa, wb = weights(ra.student), weights(rb.student)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -636,6 +638,24 @@ def test_output_dir_holding_another_run(assets, tmp_path) -> None:
     assert res["steps"] == 1
     with pytest.raises(ConfigError, match=r"holds another run \(config hash 0123456789ab"):
         setup(make_cfg(assets, tmp_path / "run", "train.max_steps=2"), progress=False)
+
+
+def test_overwrite_deletes_the_old_run_only_once_the_new_config_holds(assets, tmp_path) -> None:
+    """overwrite=true replaces another run's directory after every check has passed: a config
+    error found only when the models are built (a layer the student lacks) leaves the old run
+    whole; it was deleted before the config was read."""
+    run(make_cfg(assets, tmp_path / "run", "train.max_steps=1"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    assert "run.json" in before
+    bad = make_cfg(
+        assets, tmp_path / "run", "train.max_steps=2", "overwrite=true", "losses.1.layers=[[3, 1]]"
+    )
+    with pytest.raises(ConfigError, match=r"^losses\[1\]\.layers\[0\]: student layer 3 is out of range"):
+        setup(bad, progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    _, res = run(make_cfg(assets, tmp_path / "run", "train.max_steps=2", "overwrite=true"))
+    assert res["steps"] == 2
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["train"]["max_steps"] == 2
 
 
 def test_identity_hash_ignores_only_execution_fields(assets, tmp_path) -> None:

@@ -392,14 +392,12 @@ def _git_revision(where: Path | None = None) -> str | None:
     return f"{rev}-dirty" if changed else rev or None
 
 
-def _check_output_dir(out: Path, cfg: DistillConfig, kind: str) -> None:
-    """Refuse a directory that holds another run's files (unless overwrite).
-
-    Every data-parallel rank checks (so all raise alike); only the main process deletes, and all
-    wait for it before anyone writes.
-    """
+def _clear_output_dir(out: Path, cfg: DistillConfig) -> None:
+    """Delete the run that ``overwrite`` replaces. Called once setup has validated everything, so
+    a config error leaves the old run in place. Every data-parallel rank calls; only the main
+    process deletes, and all wait for it before anyone writes."""
     state = process_state(cfg.train)
-    if _output_dir_action(out, cfg, kind) == "overwrite" and state.is_main_process:
+    if state.is_main_process:
         shutil.rmtree(out)
     state.wait_for_everyone()
 
@@ -531,6 +529,20 @@ def setup(
     progress: bool = True,
 ) -> Run:
     """Build and validate a run: every config error surfaces here, before the first step."""
+    quiet_libraries()
+    out = Path(cfg.output_dir)
+    # a directory holding another run is refused now (on every rank alike); one that overwrite
+    # replaces is deleted last, after every check below and any teacher fine-tune
+    replaces = _output_dir_action(out, cfg, kind) == "overwrite"
+    run = _setup(cfg, out, kind=kind, teacher_override=teacher_override, progress=progress)
+    if replaces:
+        _clear_output_dir(out, cfg)
+    return run
+
+
+def _setup(
+    cfg: DistillConfig, out: Path, *, kind: str, teacher_override: nn.Module | None, progress: bool
+) -> Run:
     from geodistill import models
     from geodistill.data import load_classification
     from geodistill.tasks import (
@@ -541,9 +553,6 @@ def setup(
         module_fingerprint,
     )
 
-    quiet_libraries()
-    out = Path(cfg.output_dir)
-    _check_output_dir(out, cfg, kind)
     try:
         terms = resolve_losses(cfg.losses)
     except ValueError as e:
@@ -922,7 +931,8 @@ def _train(
     acc.wait_for_everyone()  # every rank has read the checkpoint before the main process writes
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(run.metadata, indent=2, default=str))
+        with written_whole(out / "run.json") as tmp:  # a kill leaves the old file or the new one
+            tmp.write_text(json.dumps(run.metadata, indent=2, default=str))
         if ckpt.exists():
             _truncate_log(out / "log.jsonl", state["step"])
         else:
@@ -1244,13 +1254,20 @@ def _log(out: Path, row: dict[str, Any]) -> None:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines written after the checkpoint (they will be written again)."""
+    """On resume, drop log lines written after the checkpoint (they will be written again) and a
+    last line cut short by a kill; the file is replaced whole."""
     if not path.exists():
         return
-    rows = [
-        line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
-    ]
-    path.write_text("".join(r + "\n" for r in rows))
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            rows.append(line)
+    with written_whole(path) as tmp:
+        tmp.write_text("".join(r + "\n" for r in rows))
 
 
 def _peak_memory_mb() -> float:
