@@ -28,6 +28,7 @@ from geodistill.experiments import (
     read_rows,
     run_sweep,
     run_sweeps,
+    sweep_dir,
 )
 
 METHODS = {
@@ -199,6 +200,17 @@ def test_quick_overrides_and_directory(tmp_path: Path) -> None:
     assert len(plan) == 1 * 2 * (1 + 1 + 3)  # quick.grid: seed [0]
     assert all(r.config.train.max_steps == 1 for r in plan)
     assert all(Path(r.config.output_dir).parent.parent == tmp_path / "sweep-quick" for r in plan)
+
+
+def test_quick_directory_of_an_output_dir_without_a_name(tmp_path: Path, monkeypatch) -> None:
+    """output_dir "." or ".." (a sweep file run from its results' directory) gets its quick runs
+    beside the directory it stands for; it raised ValueError (an empty name has no sibling)."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for where, quick in ((".", tmp_path / "here-quick"), ("..", tmp_path.parent / f"{tmp_path.name}-quick")):
+        sweep = parse_sweep(sweep_dict(tmp_path, output_dir=where))
+        assert sweep_dir(sweep) == Path(where)
+        assert sweep_dir(sweep, quick=True) == quick
 
 
 def test_base_include_file_and_overrides(tmp_path: Path) -> None:

@@ -426,7 +426,11 @@ def _substitute(obj: Any, values: dict[str, Any], where: str = "") -> Any:
 def sweep_dir(sweep: SweepConfig, *, quick: bool = False) -> Path:
     """Where results.jsonl and the runs of this sweep live."""
     out = Path(sweep.output_dir or f"runs/sweeps/{sweep.name or 'sweep'}")
-    return out.with_name(out.name + "-quick") if quick else out
+    if not quick:
+        return out
+    if out.name in ("", ".."):  # ".", "..", "a/..": named by the directory they stand for
+        out = Path(os.path.abspath(out))
+    return out.with_name(out.name + "-quick")
 
 
 def label(value: Any) -> Any:
