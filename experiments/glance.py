@@ -98,7 +98,7 @@ KD_TABLE = [
     Line(RT, "subset-3", "last layer, CLS", _kd_cells("subset", KD_TERMS)),
     Line(RT, "subset-3", "last layer, every token", _kd_cells("subset_tokens", TERMS3)),
     Line(RT, "subset-3", "uniform map, CLS", _kd_cells("subset_layers_cls", TERMS3)),
-    Line(RT, "subset-3", "uniform map, every token", _kd_cells("subset_layers", TERMS3)),
+    Line(RT, "subset-3", "uniform map, every token", _kd_cells("subset_layers", [*TERMS3, "kd+proj_mse"])),
     Line(R8, "narrow", "last layer, CLS", _kd_cells("tasks", KD_TERMS, task=R8)),
     Line(R8, "narrow", "last layer, every token", _kd_cells("tokens_r8", TERMS3)),
     Line(R8, "narrow", "uniform map, CLS", _kd_cells("layers_cls_tasks", TERMS3, task=R8)),

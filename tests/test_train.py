@@ -796,7 +796,7 @@ def test_every_shipped_config_loads() -> None:
         ("cls_alpha", 52, 52),
         ("subset", 210, 210),
         ("subset_tokens", 120, 120),
-        ("subset_layers", 240, 210),
+        ("subset_layers", 240, 240),
         ("subset_layers_cls", 120, 120),
         ("tasks", 420, 420),
         ("tokens_multiemo", 120, 120),
