@@ -792,6 +792,7 @@ def test_every_shipped_config_loads() -> None:
         ("ce_tokens", 240, 240),
         ("ce_layers_tokens", 240, 240),
         ("ce_geometry", 50, 50),
+        ("subset_geometry", 60, 60),
         ("subset_ce_layers", 240, 240),
         ("cls_alpha", 52, 52),
         ("subset", 210, 210),
@@ -856,6 +857,23 @@ def test_ce_geometry_reruns_reproduce_their_committed_rows() -> None:
             old[r["config_hash"]]["dev.accuracy"],
         )
         assert r["geometry"]["samples"] == 6692 and 0 < r["test.teacher_cka"] < 1
+
+
+def test_subset_geometry_kd_reruns_reproduce_their_committed_rows() -> None:
+    """experiments/subset_geometry re-trained subset's 10 KD runs of split 0 (same config hashes) on
+    another machine and day, measuring each as it ended: test accuracy is the committed one to the
+    last digit in all 10, dev in 9 (the tenth moved by one of its ~1,270 sentences), and each row
+    carries its measures."""
+    from geodistill.experiments import read_rows
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    old = {r["config_hash"]: r for r in read_rows(root / "subset" / "results.jsonl")}
+    new = [r for r in read_rows(root / "subset_geometry" / "results.jsonl") if not r.get("reused_from")]
+    assert len(new) == 10 and all(r["method"] == "kd" and r["config_hash"] in old for r in new)
+    assert all(r["test.accuracy"] == old[r["config_hash"]]["test.accuracy"] for r in new)
+    dev = [abs(r["dev.accuracy"] - old[r["config_hash"]]["dev.accuracy"]) for r in new]
+    assert sum(d == 0 for d in dev) == 9 and max(dev) < 1 / 1200
+    assert all(r["geometry"]["samples"] == 6692 and 0 < r["test.teacher_cka"] < 1 for r in new)
 
 
 def test_git_revision_says_when_the_package_is_uncommitted(tmp_path, monkeypatch) -> None:
