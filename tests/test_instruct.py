@@ -573,6 +573,7 @@ def test_tiny_distillation_runs(losses, student, assets, tmp_path: Path) -> None
         assert set(results[split]) == {"rougeL", "exact_match", "answer_logprob", "answer_token_accuracy"}
         assert 0 <= results[split]["rougeL"] <= 1
         assert results[split]["answer_logprob"] < 0 <= results[split]["answer_token_accuracy"] <= 1
+    assert set(run.task.dev_metrics) == set(results["dev"])  # what select_metric is checked against
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     keys = {k for row in log for k in row if k.startswith("loss/")}
     assert keys == {f"loss/{k}" for k in run.objective.pairs} | {f"loss/{t.key}" for t in run.objective.terms}

@@ -658,6 +658,19 @@ def test_overwrite_deletes_the_old_run_only_once_the_new_config_holds(assets, tm
     assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["train"]["max_steps"] == 2
 
 
+def test_select_metric_is_checked_before_training(assets, tmp_path) -> None:
+    """A select_metric the task does not compute stops setup, naming the key (it stopped the run at
+    its first evaluation, eval_every steps in); the names setup checks are those dev returns."""
+    with pytest.raises(
+        ConfigError, match=r"^train\.select_metric: 'rouge' is not among the dev metrics \['accuracy'"
+    ):
+        setup(make_cfg(assets, tmp_path / "run", "train.select_metric=rouge"), progress=False)
+    assert not (tmp_path / "run").exists()
+    r = setup(make_cfg(assets, tmp_path / "ok", "train.select_metric=f1"), progress=False)
+    dev = r.task.evaluate(r.student.model, "dev", batch_size=16, device=torch.device("cpu"))
+    assert set(dev) == set(r.task.dev_metrics)
+
+
 def test_identity_hash_ignores_only_execution_fields(assets, tmp_path) -> None:
     from geodistill.config import config_hash, identity_hash
     from geodistill.finetune import finetune_config

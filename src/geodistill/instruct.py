@@ -354,6 +354,14 @@ class InstructionTask:
         self._tokenized: dict[str, Any] = {}
         self._unended: dict[str, frozenset[int]] = {}  # rows whose answer was cut: no EOS after it
 
+    @property
+    def dev_metrics(self) -> tuple[str, ...]:
+        """The names :meth:`evaluate` returns on dev (what ``train.select_metric`` may name)."""
+        names = ["rougeL", "exact_match", "answer_logprob", "answer_token_accuracy"]
+        if len(self.select.seeds) > 1:
+            names += ["rougeL_std", *(f"rougeL@seed{s}" for s in self.select.seeds)]
+        return tuple(names)
+
     # -- data
 
     def rows(self, split: str) -> Any:

@@ -190,6 +190,11 @@ class ClassificationTask:
             logits=out.logits, targets=batch["labels"], features=feats, count=int(batch["labels"].numel())
         )
 
+    @property
+    def dev_metrics(self) -> tuple[str, ...]:
+        """The names :meth:`evaluate` returns on dev (what ``train.select_metric`` may name)."""
+        return (*self.data.metrics, "top_class_share")
+
     @torch.no_grad()
     def evaluate(
         self,

@@ -535,6 +535,11 @@ def setup(
     # replaces is deleted last, after every check below and any teacher fine-tune
     replaces = _output_dir_action(out, cfg, kind) == "overwrite"
     run = _setup(cfg, out, kind=kind, teacher_override=teacher_override, progress=progress)
+    metric = cfg.train.select_metric
+    if metric is not None and metric not in run.task.dev_metrics:  # else found at the first evaluation
+        raise ConfigError(
+            f"train.select_metric: {metric!r} is not among the dev metrics {sorted(run.task.dev_metrics)}"
+        )
     if replaces:
         _clear_output_dir(out, cfg)
     return run
