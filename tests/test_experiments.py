@@ -388,6 +388,24 @@ def test_rows_hold_every_swept_value_and_measurement(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"] == [r["run_id"] for r in rows]
 
 
+def test_rows_keep_measures_of_the_training_split(tmp_path: Path) -> None:
+    """`geometry: {split: train}` measures each student on training examples: the row keeps them as
+    train.teacher_<measure> (they were measured, then dropped: rows took dev and test only)."""
+    from geodistill.experiments import _row
+
+    run = expand(parse_sweep(sweep_dict(tmp_path)))[0]
+    results = {
+        "dev": {"accuracy": 0.7},
+        "test": {"accuracy": 0.6},
+        "train": {"teacher_cka": 0.5, "teacher_gram": 0.25},
+        "geometry": {"split": "train", "pooling": "tokens"},
+    }
+    row = _row(run, "t", results, 1.0)
+    assert (row["train.teacher_cka"], row["train.teacher_gram"], row["test.accuracy"]) == (0.5, 0.25, 0.6)
+    del results["geometry"]  # no measurement: the training split's results stay out of the row
+    assert not any(k.startswith("train.") for k in _row(run, "t", results, 1.0))
+
+
 def test_killed_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
     sweep = parse_sweep(sweep_dict(tmp_path))
     plan = expand(sweep)

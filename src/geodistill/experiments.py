@@ -629,7 +629,8 @@ def _row(
         "axes": run.axes,
         "loss_terms": list(run.loss_terms),
     }
-    for split in ("dev", "test"):
+    measured = (res.get("geometry") or {}).get("split")  # `geometry: {split: train}` measures train
+    for split in ("dev", "test", *([measured] if measured not in (None, "dev", "test") else [])):
         for k, v in (res.get(split) or {}).items():
             row[f"{split}.{k}"] = v
         for k, v in ((res.get("last") or {}).get(split) or {}).items():  # the last step's student
