@@ -406,6 +406,25 @@ def test_rows_keep_measures_of_the_training_split(tmp_path: Path) -> None:
     assert not any(k.startswith("train.") for k in _row(run, "t", results, 1.0))
 
 
+def test_a_placeholder_mapping_is_shown_by_its_label(tmp_path: Path) -> None:
+    """A mapping taken by a placeholder may carry a label, as a settings axis's may: the rows show it
+    and the config does not get it (it was refused as an unknown key of the loss)."""
+    terms = [
+        {"label": "P", "name": "procrustes", "weight": 0.1},
+        {"label": "G", "name": "gram", "weight": 0.1},
+    ]
+    sweep = parse_sweep(
+        sweep_dict(
+            tmp_path,
+            methods={"kd+term": {"losses": [{"name": "kd"}, "${term}"]}},
+            grid={"seed": [0], "term": terms},
+        )
+    )
+    plan = expand(sweep)
+    assert [(r.values["term"], r.config.losses[1].name) for r in plan] == [("P", "procrustes"), ("G", "gram")]
+    assert terms[0]["label"] == "P"  # the sweep's own value is left as it was
+
+
 def test_killed_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
     sweep = parse_sweep(sweep_dict(tmp_path))
     plan = expand(sweep)

@@ -415,7 +415,10 @@ def _substitute(obj: Any, values: dict[str, Any], where: str = "") -> Any:
                 "values of the grid axis of its name where base or the method's own values use it; "
                 f"this run's: {', '.join(values) or 'none'})"
             )
-        return copy.deepcopy(values[match.group(1)])
+        value = copy.deepcopy(values[match.group(1)])
+        if isinstance(value, dict):  # a mapping's label names it in the rows, as on a settings axis
+            value.pop("label", None)
+        return value
     return obj
 
 
