@@ -425,6 +425,22 @@ def test_a_placeholder_mapping_is_shown_by_its_label(tmp_path: Path) -> None:
     assert terms[0]["label"] == "P"  # the sweep's own value is left as it was
 
 
+def test_set_names_a_base_file_or_an_include(tmp_path: Path) -> None:
+    """`--set base=FILE` and `--set base.include=FILE` read the file, as the same keys in the sweep
+    file do (the overrides came after the files were read, so a path stayed a string)."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "r8.yaml").write_text(
+        "data: {name: reuters_r8}\ntrain: {max_steps: 7, lr: 0.002}\n"
+    )
+    path = write_sweep(tmp_path, sweep_dict(tmp_path, grid={"seed": [0], "alpha": [1]}))
+    whole = expand(load_sweep(path, ["base=configs/r8.yaml"]))
+    assert {(r.config.data.name, r.config.train.max_steps) for r in whole} == {("reuters_r8", 7)}
+    under = expand(load_sweep(path, ["base.include=configs/r8.yaml"]))  # the sweep's base keys win
+    assert {(r.config.data.name, r.config.train.max_steps, r.config.train.lr) for r in under} == {
+        ("rotten_tomatoes", 3, 0.002)
+    }
+
+
 def test_killed_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
     sweep = parse_sweep(sweep_dict(tmp_path))
     plan = expand(sweep)

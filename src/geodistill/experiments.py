@@ -215,6 +215,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
     if "base" in data:
         data["base"] = _resolve_base(data["base"], path.parent)
     data = apply_overrides(data, overrides or [], flat=SWEEP_FLAT_KEYS)
+    if "base" in data:  # again: --set base=FILE or base.include=FILE names files too
+        data["base"] = _resolve_base(data["base"], path.parent)
     data.setdefault("name", path.stem)
     return parse_sweep(data)
 
