@@ -671,6 +671,13 @@ def test_select_metric_is_checked_before_training(assets, tmp_path) -> None:
     assert set(dev) == set(r.task.dev_metrics)
 
 
+def test_a_classification_teacher_refuses_another_dtype(assets, tmp_path) -> None:
+    """teacher.dtype casts instruction teachers only: a classification run asked for bfloat16 stops
+    naming the key (it ran in float32 and said nothing)."""
+    with pytest.raises(ConfigError, match=r"^teacher\.dtype: bfloat16 applies to instruction teachers only"):
+        setup(make_cfg(assets, tmp_path / "run", "teacher.dtype=bfloat16"), progress=False)
+
+
 def test_identity_hash_ignores_only_execution_fields(assets, tmp_path) -> None:
     from geodistill.config import config_hash, identity_hash
     from geodistill.finetune import finetune_config

@@ -123,7 +123,8 @@ class ModelConfig:
         default=False,
     )
     dtype: Literal["float32", "bfloat16", "float16"] = _help(
-        "weights dtype for a frozen teacher", default="float32"
+        "weights dtype for a frozen instruction teacher (a classification teacher runs in float32)",
+        default="float32",
     )
 
 

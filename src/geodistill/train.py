@@ -567,6 +567,11 @@ def _setup(
 
         return setup_instruction(cfg, terms, kind=kind, progress=progress, teacher_override=teacher_override)
     tcfg = cfg.train
+    if cfg.teacher.dtype != "float32":
+        raise ConfigError(
+            f"teacher.dtype: {cfg.teacher.dtype} applies to instruction teachers only; a classification "
+            "teacher runs in float32 (its outputs are computed once and cached); leave it at float32"
+        )
     if cfg.teacher.shard and tcfg.cache_teacher:
         raise ConfigError(
             "teacher.shard: a classification teacher's outputs are cached (train.cache_teacher: true), computed "
