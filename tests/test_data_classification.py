@@ -423,6 +423,21 @@ def test_glue_mapping_rte() -> None:
     assert data.metric == "accuracy" and "GLUE dev" in data.description
 
 
+def test_f1_follows_the_tasks_number_of_classes() -> None:
+    """F1 is the positive class's on a two-class task and macro on a many-class one, whichever
+    classes a split happens to hold (it was binary whenever only 0 and 1 occurred)."""
+    from sklearn.metrics import f1_score
+
+    from geodistill.evaluate import classification_metrics
+
+    y, p = np.array([0, 1, 1, 0, 1, 1]), np.array([0, 1, 0, 1, 1, 0])
+    macro, positive = f1_score(y, p, average="macro"), f1_score(y, p)
+    assert macro != pytest.approx(positive)
+    assert classification_metrics(p, y, ("f1",), num_labels=8)["f1"] == pytest.approx(macro)
+    assert classification_metrics(p, y, ("f1",), num_labels=2)["f1"] == pytest.approx(positive)
+    assert classification_metrics(p, y, ("f1",))["f1"] == pytest.approx(positive)  # no task: as seen
+
+
 def test_glue_metrics_and_mnli() -> None:
     cola = glue_from_hub(
         "cola",

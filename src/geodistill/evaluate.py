@@ -22,8 +22,13 @@ def classification_metrics(
     predictions: Sequence[int] | np.ndarray,
     labels: Sequence[int] | np.ndarray,
     metrics: Sequence[str] = CLASSIFICATION_METRICS,
+    num_labels: int | None = None,
 ) -> dict[str, float]:
-    """Compute the named metrics of integer predictions against integer labels (equal lengths)."""
+    """Compute the named metrics of integer predictions against integer labels (equal lengths).
+
+    ``f1`` is the positive class's for a two-class task and macro-F1 otherwise, the task's number of
+    classes deciding (``num_labels``; without it, the labels and predictions seen): a many-class
+    task evaluated where only classes 0 and 1 occur still gets macro-F1."""
     from sklearn.metrics import f1_score, matthews_corrcoef
 
     p, y = np.asarray(predictions), np.asarray(labels)
@@ -36,7 +41,10 @@ def classification_metrics(
         if m == "accuracy":
             out[m] = float((p == y).mean())
         elif m == "f1":
-            binary = set(np.unique(y)) <= {0, 1} and set(np.unique(p)) <= {0, 1}
+            if num_labels is not None:
+                binary = num_labels == 2
+            else:
+                binary = set(np.unique(y)) <= {0, 1} and set(np.unique(p)) <= {0, 1}
             out[m] = float(f1_score(y, p, average="binary" if binary else "macro", zero_division=0))
         elif m == "mcc":
             out[m] = float(matthews_corrcoef(y, p))

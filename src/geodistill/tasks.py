@@ -221,7 +221,10 @@ class ClassificationTask:
         model.train(was_training)
         predicted = torch.cat(preds)
         out = classification_metrics(
-            predicted.numpy(), torch.cat(labels).numpy(), tuple(metrics or self.data.metrics)
+            predicted.numpy(),
+            torch.cat(labels).numpy(),
+            tuple(metrics or self.data.metrics),
+            num_labels=len(self.data.label_names),
         )
         # a diagnostic, not a score: the share of examples given the most-predicted class; 1.0 means
         # the model answers one class whatever the input (a collapsed student), which reports flag
