@@ -678,6 +678,16 @@ def test_a_classification_teacher_refuses_another_dtype(assets, tmp_path) -> Non
         setup(make_cfg(assets, tmp_path / "run", "teacher.dtype=bfloat16"), progress=False)
 
 
+def test_the_logged_lr_is_the_one_each_step_used(assets, tmp_path) -> None:
+    """Warm-up then linear decay: step s (1-based) runs at lr * factor(s - 1); the log gave the
+    next step's rate (step 1 of a 6-step run without warm-up showed 5/6 of lr)."""
+    run(make_cfg(assets, tmp_path / "run", "train.max_steps=6", "train.warmup_ratio=0.34"))  # 2 warm-up steps
+    rows = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"lr"' in x]
+    factors = [1 / 3, 2 / 3, 1.0, 3 / 4, 2 / 4, 1 / 4]  # (s + 1) / 3 warming up, then 1 - (s - 2) / 4
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * f for f in factors])
+
+
 def test_identity_hash_ignores_only_execution_fields(assets, tmp_path) -> None:
     from geodistill.config import config_hash, identity_hash
     from geodistill.finetune import finetune_config

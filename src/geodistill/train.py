@@ -1017,6 +1017,7 @@ def _train(
                     else "no checkpoint was written yet"
                 )
                 raise TrainingDiverged(f"step {state['step']}: {what}; training stopped, {last}")
+            lr = scheduler.get_last_lr()[0]  # the rate this step used (logged), before the schedule moves on
             # after the divergence check: a diverged first step (never applied) ends with its one-line
             # error, not with torch's warning about a scheduler stepping before its optimizer
             with warnings.catch_warnings():
@@ -1035,7 +1036,7 @@ def _train(
                     {
                         "step": state["step"],
                         "epoch": state["epoch"],
-                        "lr": scheduler.get_last_lr()[0],
+                        "lr": lr,
                         "grad_norm": grad_norm,
                         "seconds_per_step": elapsed,
                         **(
