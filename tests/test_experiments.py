@@ -21,6 +21,7 @@ import yaml
 from geodistill.config import ConfigError, DistillConfig
 from geodistill.evaluate_model import measure_student, student_geometry
 from geodistill.experiments import (
+    _child,
     append_row,
     expand,
     load_sweep,
@@ -57,6 +58,22 @@ def write_sweep(tmp_path: Path, data: dict[str, Any], name: str = "sweep.yaml") 
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+class _SlowRunner:
+    """A runner for worker processes (picklable) that says whether another run was training in its
+    output directory when it started, holding the directory for a moment as a training would."""
+
+    def __call__(self, cfg: DistillConfig) -> dict[str, Any]:
+        import time
+
+        busy = Path(cfg.output_dir) / "busy"
+        busy.parent.mkdir(parents=True, exist_ok=True)
+        overlapped = busy.exists()
+        busy.write_text("")
+        time.sleep(4.0)  # longer than a spawned worker takes to start: without the lock they overlap
+        busy.unlink(missing_ok=True)
+        return {"overlapped": overlapped}
 
 
 class FakeRunner:
@@ -439,6 +456,49 @@ def test_set_names_a_base_file_or_an_include(tmp_path: Path) -> None:
     assert {(r.config.data.name, r.config.train.max_steps, r.config.train.lr) for r in under} == {
         ("rotten_tomatoes", 3, 0.002)
     }
+
+
+def test_a_worker_ends_when_its_sweep_is_killed(tmp_path: Path) -> None:
+    """A sweep killed outright (SIGKILL) leaves its workers running; each watches the sweep's pid
+    and exits once it is gone, instead of training on beside the worker a rerun starts."""
+    import subprocess
+    import sys
+    import time
+
+    sweep = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    code = f"from geodistill.experiments import _watch_parent; import time; _watch_parent({sweep.pid}, 0.05); time.sleep(120)"
+    worker = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        time.sleep(0.5)
+        assert worker.poll() is None  # the sweep is alive: the worker goes on
+        sweep.kill()
+        sweep.wait()
+        assert worker.wait(timeout=60) == 1
+    finally:
+        for p in (sweep, worker):
+            p.kill()
+
+
+def test_two_workers_of_one_run_take_turns(tmp_path: Path) -> None:
+    """A run's worker holds ``<output_dir>.lock`` while it trains: a second one for the same run
+    directory waits for it (not two trainings writing one folder at once)."""
+    import multiprocessing as mp
+
+    out = tmp_path / "runs" / "kd-0123"
+    cfg = DistillConfig(output_dir=str(out))
+    ctx = mp.get_context("spawn")
+    readers, procs = [], []
+    for _ in range(2):
+        reader, writer = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(_SlowRunner(), cfg, 1, writer, dict(os.environ), os.getpid()))
+        proc.start()
+        readers.append(reader)
+        procs.append(proc)
+    outcomes = [r.recv() for r in readers]
+    for p in procs:
+        p.join(timeout=60)
+    assert [o[0] for o in outcomes] == ["ok", "ok"]
+    assert not any(o[1]["overlapped"] for o in outcomes)  # one after the other
 
 
 def test_killed_sweep_resumes_without_duplicates(tmp_path: Path) -> None:

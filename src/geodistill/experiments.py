@@ -723,18 +723,49 @@ def _worker_context() -> Any:
     return multiprocessing.get_context("spawn")
 
 
+def _watch_parent(pid: int, interval: float = 2.0) -> None:
+    """End this process (exit status 1) once process ``pid`` is gone, checking every ``interval``
+    seconds from a daemon thread: a worker whose sweep was killed outright (SIGKILL, no cleanup)
+    stops instead of training on beside the worker a rerun of the sweep starts for the same run."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # pragma: no cover - alive, another user's (pid reused)
+                pass
+
+    threading.Thread(target=watch, name="geodistill-watch-sweep", daemon=True).start()
+
+
 def _child(
-    runner: Runner, cfg: DistillConfig, threads: int | None, conn: Any, environ: dict[str, str]
+    runner: Runner,
+    cfg: DistillConfig,
+    threads: int | None,
+    conn: Any,
+    environ: dict[str, str],
+    sweep_pid: int | None = None,
 ) -> None:
     """Body of a worker process: one run, its outcome sent back through ``conn``. ``environ`` is
     the parent's environment when it started the run (a forkserver worker would otherwise have the
-    server's, frozen when the server started)."""
+    server's, frozen when the server started). The run holds a lock on ``<output_dir>.lock`` while
+    it trains, and the worker ends when the sweep process ``sweep_pid`` does."""
+    from geodistill.assets import file_lock
+
     os.environ.clear()
     os.environ.update(environ)
+    if sweep_pid is not None:
+        _watch_parent(sweep_pid)
     _limit_threads(threads)
     start = time.perf_counter()
     try:
-        results = runner(cfg)
+        out = Path(cfg.output_dir)
+        with file_lock(out.with_name(out.name + ".lock")):  # one worker per run directory
+            results = runner(cfg)
         conn.send(("ok", results, time.perf_counter() - start, None))
     except Exception as e:
         conn.send(("error", f"{type(e).__name__}: {e}", time.perf_counter() - start, traceback.format_exc()))
@@ -1111,7 +1142,7 @@ def _run_processes(
                 cfg_threads = None if run.config.train.threads else threads
                 proc = ctx.Process(
                     target=_child,
-                    args=(runner_for(run), run.config, cfg_threads, writer, dict(os.environ)),
+                    args=(runner_for(run), run.config, cfg_threads, writer, dict(os.environ), os.getpid()),
                     name=f"geodistill-{run.run_id}",
                 )
                 proc.start()
