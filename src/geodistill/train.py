@@ -19,6 +19,7 @@ scale lowered); only :data:`MAX_OVERFLOW_STEPS` overflows in a row stop the run.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -916,6 +917,7 @@ def _train(
         "timed_steps": 0,
     }
     ckpt = out / RESUME_DIR / "state.pt"
+    window: dict[str, Any] = {"terms": {}, "comm": []}
     if ckpt.exists():
         blob = torch.load(ckpt, map_location="cpu", weights_only=False)
         written_by = len(blob["rng"]) if isinstance(blob["rng"], list) else 1  # one RNG state a rank
@@ -932,6 +934,7 @@ def _train(
         if _scaler(acc) is not None and "scaler" in blob:  # fp16: the loss scale it had reached
             _scaler(acc).load_state_dict(blob["scaler"])
         state = blob["progress"]
+        window = blob.get("log_window") or window  # steps since the last log line (older checkpoints: none)
         rngs = blob["rng"] if isinstance(blob["rng"], list) else [blob["rng"]]
         _set_rng_state(rngs[acc.process_index])
     else:
@@ -966,8 +969,9 @@ def _train(
 
         bar = tqdm(total=total_steps, initial=state["step"], desc=f"{out.name}", dynamic_ncols=True)
 
-    log_terms: dict[str, list[float]] = {}
-    log_comm: list[float] = []  # bytes this rank sent per step in global-loss collectives
+    # the steps since the last log line, which the next one averages (kept in checkpoints)
+    log_terms: dict[str, list[float]] = {k: list(v) for k, v in window["terms"].items()}
+    log_comm: list[float] = list(window["comm"])  # bytes this rank sent per step in global-loss collectives
     overflowed = 0  # fp16: steps in a row whose gradients overflowed (each skipped by the scaler)
     student.train()
     while state["step"] < total_steps:
@@ -1061,7 +1065,8 @@ def _train(
                 or state["step"] == total_steps
                 or (cfg.save_every is None and epoch_end)
             ):
-                _save_checkpoint(ckpt, raw, optimizer, scheduler, state, acc, par)
+                window = {"terms": log_terms, "comm": log_comm}
+                _save_checkpoint(ckpt, raw, optimizer, scheduler, state, acc, par, log_window=window)
             for cb in callbacks or []:
                 cb("step_end", {"step": state["step"], "values": values})
             if epoch_end:
@@ -1234,10 +1239,19 @@ def _save_student(
 
 
 def _save_checkpoint(
-    path: Path, raw: Student, optimizer, scheduler, state: dict[str, Any], acc, par: Parallel
+    path: Path,
+    raw: Student,
+    optimizer,
+    scheduler,
+    state: dict[str, Any],
+    acc,
+    par: Parallel,
+    *,
+    log_window: dict[str, Any] | None = None,
 ) -> None:
-    """Written once, by the main process, with every rank's RNG state (exact resume under DDP) and,
-    under fp16, the grad scaler's state."""
+    """Written once, by the main process, with every rank's RNG state (exact resume under DDP),
+    under fp16 the grad scaler's state, and the loss values logged since the last log line (a
+    resumed run's next line averages the same steps as an uninterrupted one's)."""
     model_state, optimizer_state = par.model_state(raw), par.optimizer_state(raw, optimizer)  # collective
     rngs = [_rng_state()]
     if acc.num_processes > 1:
@@ -1251,6 +1265,7 @@ def _save_checkpoint(
             "scheduler": scheduler.state_dict(),
             "progress": dict(state),
             "rng": rngs,
+            "log_window": copy.deepcopy(log_window or {"terms": {}, "comm": []}),
         }
         if _scaler(acc) is not None:  # fp16: resume with the loss scale reached, not the initial one
             blob["scaler"] = _scaler(acc).state_dict()
