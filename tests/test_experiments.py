@@ -775,6 +775,11 @@ def test_rows_of_another_process_count_are_kept_and_named(tmp_path: Path) -> Non
     (again,) = run_sweeps([sweep], runner=FakeRunner(), progress=False, log=lines.append)
     assert again.skipped == 6 and again.finished == 0
     assert any("note: 6 finished runs" in x and "launch's 1" in x for x in lines), lines
+    lines.clear()  # rows another sweep's results give this one count too (they were not named)
+    other = parse_sweep(sweep_dict(tmp_path / "two", name="t2", grid={"seed": [0, 1], "alpha": [1]}))
+    copied, _ = run_sweeps([other, sweep], runner=FakeRunner(), progress=False, log=lines.append)
+    assert copied.finished == 6 and len(read_rows(copied.results_path)) == 6
+    assert any(f"note: 6 finished runs in {copied.results_path}" in x for x in lines), lines
     lines.clear()
     run_sweeps(
         [parse_sweep(sweep_dict(tmp_path / "one", grid={"seed": [0], "alpha": [1]}))],

@@ -916,6 +916,7 @@ def run_sweeps(
             )
         # the process count is not part of a run's identity, yet batch_size is per process
         other = sum(r.get("status") == "ok" and r.get("world_size") not in (None, world) for r in files[i])
+        other += sum(j == i and row.get("world_size") not in (None, world) for j, _, row in copies)
         if other:
             log(
                 f"note: {other} finished runs in {path} ran with another number of processes than this "
