@@ -907,7 +907,7 @@ def setup_instruction(
     from transformers import AutoConfig
 
     from geodistill import models
-    from geodistill.tasks import cache_file, model_fingerprint, module_fingerprint
+    from geodistill.tasks import cache_file, teacher_fingerprint
     from geodistill.train import (
         Objective,
         Run,
@@ -1030,10 +1030,7 @@ def setup_instruction(
     if seq_kd:
         assert teacher is not None
         key = {
-            # a teacher passed in is keyed by its weights: its name is cfg's, whatever it holds
-            "teacher": module_fingerprint(teacher)
-            if teacher_override is not None
-            else model_fingerprint(teacher_name),
+            "teacher": teacher_fingerprint(teacher_name, teacher_override),
             "dtype": cfg.teacher.dtype,
             "task": task.cache_key(),
             "max_new_tokens": cfg.data.max_new_tokens,

@@ -388,6 +388,12 @@ def model_fingerprint(name: str) -> str:
     return f"{p.resolve()}:{[(f.name, _file_digest(f)) for f in files]}"
 
 
+def teacher_fingerprint(name: str, passed_in: nn.Module | None = None) -> str:
+    """A teacher's name in a cache key: a teacher passed in as a module by its weights (its name
+    is the config's, whatever it holds), else :func:`model_fingerprint` of ``name``."""
+    return module_fingerprint(passed_in) if passed_in is not None else model_fingerprint(name)
+
+
 def module_fingerprint(model: nn.Module) -> str:
     """sha256 of a loaded model's state (every entry's name, dtype, shape and bytes): the cache key
     of a teacher passed in as a module, whose name says nothing about its weights."""

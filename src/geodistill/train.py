@@ -551,13 +551,7 @@ def _setup(
 ) -> Run:
     from geodistill import models
     from geodistill.data import load_classification
-    from geodistill.tasks import (
-        ClassificationTask,
-        TeacherCache,
-        cache_file,
-        model_fingerprint,
-        module_fingerprint,
-    )
+    from geodistill.tasks import ClassificationTask, TeacherCache, cache_file, teacher_fingerprint
 
     try:
         terms = resolve_losses(cfg.losses)
@@ -671,9 +665,11 @@ def _setup(
     run = Run(cfg, tcfg, out, task, student, teacher, objective, tokenizer, metadata=run_metadata(cfg, kind))
     if teacher is not None and tcfg.cache_teacher:
         taps = cached_taps(objective.teacher_taps(), teacher, len(task.dataset("train")))
-        # a teacher passed in is keyed by its weights: its name is cfg's, whatever it holds
-        who = module_fingerprint(teacher) if teacher_override is not None else model_fingerprint(teacher_name)
-        key = {"teacher": who, "task": task.cache_key(), "taps": taps}
+        key = {
+            "teacher": teacher_fingerprint(teacher_name, teacher_override),
+            "task": task.cache_key(),
+            "taps": taps,
+        }
         with process_state(tcfg).main_process_first():  # computed once, then read by the other ranks
             run.teacher_cache = TeacherCache.build(
                 task,
@@ -1065,8 +1061,8 @@ def _train(
                 or state["step"] == total_steps
                 or (cfg.save_every is None and epoch_end)
             ):
-                window = {"terms": log_terms, "comm": log_comm}
-                _save_checkpoint(ckpt, raw, optimizer, scheduler, state, acc, par, log_window=window)
+                log_window = {"terms": log_terms, "comm": log_comm}  # what the next log line averages
+                _save_checkpoint(ckpt, raw, optimizer, scheduler, state, acc, par, log_window=log_window)
             for cb in callbacks or []:
                 cb("step_end", {"step": state["step"], "values": values})
             if epoch_end:
